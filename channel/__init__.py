@@ -1,0 +1,1 @@
+"""Wireless channel emulator: fading models, modems, link budget, airtime and energy."""

@@ -1,0 +1,1 @@
+"""Tensor codecs and wire framing: pure tensor functions, no I/O."""

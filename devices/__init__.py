@@ -1,0 +1,1 @@
+"""Device profiles, FLOP counting, latency and energy models."""

@@ -1,0 +1,20 @@
+"""`meg bench ...`: benchmark scripts that print a table and write JSON."""
+
+from __future__ import annotations
+
+import click
+
+from meg.cli import LazyGroup
+
+# name -> ("module:attribute", one-line help)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "channel": ("meg.channel.bench:bench_channel", "Symbols per second through each channel model."),
+}
+
+
+@click.group(cls=LazyGroup, lazy=BENCHMARKS)
+def bench() -> None:
+    """Benchmarks. Each prints a table on stdout and writes rows to --json PATH.
+
+    Numbers are measured on this machine in one run, so ratios compare like with like.
+    """

@@ -1,0 +1,1 @@
+"""The embedded model family meg-tiny: data, training, judge, loading by name."""

@@ -1,0 +1,1 @@
+"""MEG policy: constrained MDP, CVPO and baselines."""

@@ -1,0 +1,1 @@
+"""Recipes: MEG, Hybrid SR, Preview-refine, on one framework."""

@@ -1,0 +1,1 @@
+"""Edge server, device client and policy service over gRPC."""

@@ -1,0 +1,1 @@
+"""Pipelines, stage graph, split points, ONNX export and runtimes."""
