@@ -1,0 +1,98 @@
+"""Host the asyncio servers from synchronous code (the demo, benchmarks, tests).
+
+`ServiceLoop` runs one event loop in a daemon thread; `start_edge` / `start_policy` build,
+start and (for the edge) wait for the model, returning a handle with the bound address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from meg.services.edge import EdgeConfig, EdgeServer, create_edge_server
+from meg.services.policy_server import PolicyServer, PolicyServerConfig, create_policy_server
+
+__all__ = ["RunningServer", "ServiceLoop", "start_edge", "start_policy"]
+
+T = TypeVar("T")
+
+
+class ServiceLoop:
+    """An event loop running in a daemon thread; `run` executes a coroutine on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="meg-services", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run `coro` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        """Stop the loop and its thread."""
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+class RunningServer:
+    """A started server on a `ServiceLoop`: `address`, `port`, `stop()`."""
+
+    def __init__(self, server: EdgeServer | PolicyServer, loop: ServiceLoop, own_loop: bool) -> None:
+        self.server = server
+        self.loop = loop
+        self._own_loop = own_loop
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain and stop the server (and the loop, if this handle created it)."""
+        self.loop.run(self.server.stop(grace_s))
+        if self._own_loop:
+            self.loop.close()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_edge(config: EdgeConfig = EdgeConfig(), *, pipeline: Any = None, policy: Any = None,
+               loop: ServiceLoop | None = None, ready_timeout_s: float | None = 300.0) -> RunningServer:
+    """Create, start and wait for an edge server (its model loaded) on `loop` (default: a new one)."""
+    own = loop is None
+    service_loop = loop or ServiceLoop()
+
+    async def start() -> EdgeServer:
+        server, _ = await create_edge_server(config, pipeline=pipeline, policy=policy)
+        await server.start()
+        await server.wait_until_ready(ready_timeout_s)
+        return server
+
+    return RunningServer(service_loop.run(start()), service_loop, own)
+
+
+def start_policy(config: PolicyServerConfig = PolicyServerConfig(), *, policy: Any = None,
+                 loop: ServiceLoop | None = None) -> RunningServer:
+    """Create and start a policy server on `loop` (default: a new one)."""
+    own = loop is None
+    service_loop = loop or ServiceLoop()
+
+    async def start() -> PolicyServer:
+        server, _ = await create_policy_server(config, policy=policy)
+        await server.start()
+        return server
+
+    return RunningServer(service_loop.run(start()), service_loop, own)

@@ -1,0 +1,489 @@
+"""The device (UE) client: ask an edge for its part, finish the image here, report it all.
+
+`DeviceClient.generate(request)` opens a `Generate` stream to one of the edge addresses
+(client-side `round_robin` with gRPC health checks when there are several), reassembles
+and verifies the crossing tensors, decodes the codec chain, runs the device partition
+(ONNX Runtime by default, or torch) and returns the image with a report (DESIGN.md §4).
+Every call has a deadline. When the edge is unreachable (UNAVAILABLE), too slow (deadline)
+or the stream breaks, the client generates on the device instead (the `device` split) and
+says so in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import torch
+
+from meg.channel.link import LinkConfig
+from meg.codecs.chain import EncodedTensor, decode
+from meg.codecs.framing import FramingLimits, TensorAssembler
+from meg.devices import load_profile
+from meg.errors import (
+    ChannelError,
+    DeadlineExceededError,
+    FramingError,
+    InvalidInputError,
+    MegError,
+    UnavailableError,
+)
+from meg.services.convert import (
+    channel_from_link_config,
+    channel_to_dict,
+    inputs_from_request,
+    plan_to_dict,
+    split_from_proto,
+)
+from meg.services.limits import ServiceLimits
+from meg.services.security import TlsConfig, channel_credentials, token_metadata
+from meg.services.status import error_from_rpc
+from meg.services.transport import channel_options
+from meg.split.engine import GenerationInputs, SplitEngine
+from meg.split.points import SplitPoint
+from meg.v1 import edge_service_pb2 as edge_pb
+from meg.v1 import edge_service_pb2_grpc as edge_grpc
+from meg.v1 import generation_pb2 as gen_pb
+
+__all__ = ["ClientConfig", "DeviceClient", "DeviceRequest", "GenerationResult", "save_png"]
+
+EDGE_SERVICE = edge_pb.DESCRIPTOR.services_by_name["EdgeService"].full_name
+_FALLBACK_ERRORS = (UnavailableError, DeadlineExceededError, ChannelError)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How the device client reaches edges and runs its partition."""
+
+    deadline_s: float = 60.0
+    """Deadline of each `Generate` call to the edge."""
+    connect_timeout_s: float = 3.0
+    """How long to wait for a healthy edge before falling back."""
+    token: str | None = None
+    """Bearer token presented to the edge."""
+    tls: TlsConfig | None = None
+    """Trust roots (and client certificate for mutual TLS); None connects in plaintext."""
+    runtime: Literal["onnxruntime", "torch", "eager"] = "onnxruntime"
+    """Where the device partition runs: the exported ONNX graphs in ONNX Runtime, the same
+    graphs in torch, or ("eager") the split engine's own torch modules, whose maths equal
+    the unsplit reference bit for bit."""
+    onnx_dir: Path = Path.home() / ".cache" / "meg" / "onnx"
+    """Cache folder of exported device partitions (one sub-folder per resolution)."""
+    model: str = "tiny-random"
+    """Pipeline the device loads for its partition (and for falling back)."""
+    fallback: bool = True
+    """Generate on the device when the edge is unreachable, too slow or the stream breaks."""
+    fallback_steps: int = 4
+    """Denoising steps of an on-device fallback when no plan has arrived."""
+    max_message_bytes: int = ServiceLimits.max_message_bytes
+    """Largest gRPC message accepted from the edge."""
+    framing: FramingLimits = field(default_factory=FramingLimits)
+    """Bounds on tensors received from the edge (checked before allocating)."""
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """One generation as the device asks for it (converted to `GenerationRequest`).
+
+    `plan` forces a plan (e.g. `meg.services.convert.make_plan("decoder", steps=2)`);
+    None lets the edge's policy decide.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    width: int = GenerationInputs.width
+    height: int = GenerationInputs.height
+    guidance_scale: float = 0.0
+    """0 means the model's default."""
+    device_profile: str = "jetson-agx-orin"
+    link: LinkConfig = field(default_factory=LinkConfig)
+    distance_m: float = 0.0
+    latency_limit_s: float = 0.0
+    energy_limit_j: float = 0.0
+    plan: gen_pb.Plan | None = None
+    request_id: str = ""
+    model: str = ""
+
+    def to_proto(self) -> gen_pb.GenerationRequest:
+        request = gen_pb.GenerationRequest(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed,
+            width=self.width,
+            height=self.height,
+            limits=gen_pb.Limits(latency_s=self.latency_limit_s, energy_j=self.energy_limit_j),
+            device_profile=self.device_profile,
+            channel=channel_from_link_config(self.link, distance_m=self.distance_m),
+            recipe=gen_pb.RECIPE_MEG,
+            model=self.model,
+            guidance_scale=self.guidance_scale,
+        )
+        if self.plan is not None:
+            request.plan_override.CopyFrom(self.plan)
+        return request
+
+
+@dataclass
+class GenerationResult:
+    """The image ([1, 3, H, W] float32 in [0, 1]) and the JSON-ready report."""
+
+    image: torch.Tensor
+    report: dict[str, Any]
+
+    def save(self, out_dir: Path) -> tuple[Path, Path]:
+        """Write `image.png` and `report.json` into `out_dir`; return both paths."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        image_path, report_path = out_dir / "image.png", out_dir / "report.json"
+        save_png(self.image, image_path)
+        report_path.write_text(json.dumps(self.report, indent=2) + "\n")
+        return image_path, report_path
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """Save a [1, 3, H, W] or [3, H, W] image in [0, 1] as an 8-bit PNG."""
+    from PIL import Image
+
+    pixels = image[0] if image.dim() == 4 else image
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    Image.fromarray(array).save(path)
+
+
+class _EdgeBroke(UnavailableError):
+    """The stream ended without a report, or carried something the device cannot use."""
+
+
+@dataclass
+class _EdgeAnswer:
+    plan: gen_pb.Plan | None = None
+    report: gen_pb.EdgeReport | None = None
+    tensors: dict[str, EncodedTensor] = field(default_factory=dict)
+    progress_events: int = 0
+
+
+def _target(addresses: Sequence[str]) -> str:
+    """A gRPC target for one or several `host:port` addresses (IPv4 list for round_robin)."""
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts = []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidInputError(f"edge address {address!r} is not host:port", field="addresses")
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), socket.AF_INET, socket.SOCK_STREAM)
+        if not infos:
+            raise UnavailableError(f"edge address {address!r} does not resolve to IPv4", field="addresses")
+        hosts.append(f"{infos[0][4][0]}:{port}")
+    return "ipv4:" + ",".join(hosts)
+
+
+class DeviceClient:
+    """The user device's side of MEG.
+
+    Args:
+        addresses: edge addresses `host:port`; several are balanced round-robin, and only
+            edges whose health service reports SERVING get requests.
+        config: deadlines, auth, TLS, runtime, fallback.
+        pipeline: an already-loaded pipeline for the device partition (default: load
+            `config.model` on first use).
+    """
+
+    def __init__(self, addresses: Sequence[str] | str, config: ClientConfig = ClientConfig(), *, pipeline: Any = None) -> None:
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise InvalidInputError("at least one edge address is needed", field="addresses")
+        self.config = config
+        service_config = {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": EDGE_SERVICE},
+        }
+        options: list[tuple[str, Any]] = [
+            *channel_options(config.max_message_bytes),
+            ("grpc.service_config", json.dumps(service_config)),
+            ("grpc.enable_retries", 0),
+        ]
+        target = _target(self.addresses)
+        if config.tls is not None:
+            if config.tls.server_name_override:
+                options.append(("grpc.ssl_target_name_override", config.tls.server_name_override))
+            self._channel = grpc.secure_channel(target, channel_credentials(config.tls), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = edge_grpc.EdgeServiceStub(self._channel)
+        self._metadata = token_metadata(config.token)
+        self._pipeline = pipeline
+        self._engine: SplitEngine | None = None
+        self._runtimes: dict[tuple[int, int], Any] = {}
+        self._lock = threading.Lock()
+
+    # -- public ------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: DeviceRequest | gen_pb.GenerationRequest,
+        *,
+        reference: bool = False,
+        on_event: Callable[[edge_pb.GenerateResponse], None] | None = None,
+    ) -> GenerationResult:
+        """Generate one image with the edge's help (or alone, on fallback).
+
+        Args:
+            request: what to generate, with the device profile and channel state.
+            reference: also run the unsplit reference here and report the difference.
+            on_event: called with every message the edge streams (plan, progress, ...).
+
+        Raises:
+            InvalidInputError (and other `MegError`s): the edge refused the request for a
+                reason falling back would not fix (bad input, auth, not found).
+        """
+        proto = request.to_proto() if isinstance(request, DeviceRequest) else request
+        if not proto.request_id:
+            proto.request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        answer = _EdgeAnswer()
+        fallback_reason: str | None = None
+        try:
+            self._wait_for_edge()
+            self._call_edge(proto, answer, on_event)
+        except _FALLBACK_ERRORS as exc:
+            if not self.config.fallback:
+                raise
+            fallback_reason = f"{type(exc).__name__}: {exc.message}"
+        edge_wall_s = time.perf_counter() - started
+
+        engine = self._get_engine()
+        if fallback_reason is None:
+            assert answer.plan is not None and answer.report is not None
+            plan = answer.plan
+            split = split_from_proto(plan.split)
+        else:
+            steps = answer.plan.steps if answer.plan is not None else self.config.fallback_steps
+            plan = gen_pb.Plan(split=gen_pb.SplitPoint(kind=gen_pb.SPLIT_KIND_DEVICE), steps=steps,
+                               codec_chain="none", policy="fallback")
+            split = SplitPoint("device")
+        inputs = inputs_from_request(proto, plan.steps)
+        runtime = self._get_runtime(inputs)
+
+        device_started = time.perf_counter()
+        crossing = self._decode_crossing(answer.tensors, engine, split, inputs) if fallback_reason is None else {}
+        decode_s = time.perf_counter() - device_started
+        compute_started = time.perf_counter()
+        image = engine.run_device(crossing, inputs, split, runtime=runtime)
+        device_compute_s = time.perf_counter() - compute_started
+        wall_s = time.perf_counter() - started
+
+        report = self._report(proto, plan, split, inputs, answer, fallback_reason, runtime,
+                              edge_wall_s=edge_wall_s, decode_s=decode_s, device_compute_s=device_compute_s,
+                              wall_s=wall_s)
+        if reference:
+            expected = engine.run_full(inputs)
+            mse = float(torch.mean((image.float() - expected.float()) ** 2))
+            report["quality"] = {
+                "reference": "unsplit generation, same seed and steps, torch",
+                "mse_vs_reference": mse,
+                "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else math.inf,
+                "max_abs_diff": float((image.float() - expected.float()).abs().max()),
+            }
+        return GenerationResult(image=image, report=report)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the edge call -----------------------------------------------------------------------
+
+    def _wait_for_edge(self) -> None:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.config.connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(
+                f"no healthy edge at {', '.join(self.addresses)} within {self.config.connect_timeout_s} s"
+            ) from None
+
+    def _call_edge(self, request: gen_pb.GenerationRequest, answer: _EdgeAnswer,
+                   on_event: Callable[[edge_pb.GenerateResponse], None] | None) -> None:
+        assemblers: dict[int, TensorAssembler] = {}
+        names: dict[int, str] = {}
+        try:
+            call = self._stub.Generate(
+                iter([edge_pb.GenerateRequest(start=request)]),
+                timeout=self.config.deadline_s,
+                metadata=self._metadata,
+            )
+            for message in call:
+                if on_event is not None:
+                    on_event(message)
+                kind = message.WhichOneof("kind")
+                if kind == "plan":
+                    answer.plan = message.plan
+                elif kind == "progress":
+                    answer.progress_events += 1
+                elif kind == "tensor_header":
+                    header = message.tensor_header
+                    if header.tensor_id in assemblers or header.name in answer.tensors:
+                        raise FramingError(f"edge announced tensor {header.name!r} twice", field="tensor_header")
+                    assemblers[header.tensor_id] = TensorAssembler(header, self.config.framing)
+                    names[header.tensor_id] = header.name
+                elif kind == "tensor_chunk":
+                    chunk = message.tensor_chunk
+                    if chunk.tensor_id not in assemblers:
+                        raise FramingError(f"chunk for unknown tensor_id {chunk.tensor_id}", field="tensor_chunk")
+                    if assemblers[chunk.tensor_id].add(chunk):
+                        answer.tensors[names[chunk.tensor_id]] = assemblers.pop(chunk.tensor_id).result()
+                elif kind == "report":
+                    answer.report = message.report
+                elif kind == "error":
+                    pass  # the status that follows carries the same code and message
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        except MegError as exc:
+            raise _EdgeBroke(f"edge sent unusable data: {exc.message}", field=exc.field) from exc
+        if answer.report is None or answer.plan is None or assemblers:
+            raise _EdgeBroke("edge stream ended without a complete answer (plan, tensors and report)")
+
+    # -- the device partition ------------------------------------------------------------------
+
+    def _get_engine(self) -> SplitEngine:
+        with self._lock:
+            if self._engine is None:
+                pipeline = self._pipeline
+                if pipeline is None:
+                    from meg.split.loading import load_pipeline
+
+                    pipeline = load_pipeline(self.config.model)
+                self._engine = SplitEngine(pipeline)
+            return self._engine
+
+    def _get_runtime(self, inputs: GenerationInputs) -> Any:
+        engine = self._get_engine()
+        key = (inputs.height, inputs.width)
+        with self._lock:
+            if key not in self._runtimes:
+                if self.config.runtime == "eager":
+                    self._runtimes[key] = None
+                elif self.config.runtime == "torch":
+                    from meg.split.runtime import TorchRuntime
+
+                    self._runtimes[key] = TorchRuntime(engine.device_unet, engine.device_vae)
+                else:
+                    from meg.split.onnx_export import export_device_partitions
+                    from meg.split.runtime import OnnxRuntime
+
+                    out_dir = Path(self.config.onnx_dir) / f"{inputs.height}x{inputs.width}"
+                    export_device_partitions(engine.pipeline, out_dir=out_dir, height=inputs.height, width=inputs.width,
+                                             unet=engine.device_unet, vae=engine.device_vae)
+                    self._runtimes[key] = OnnxRuntime(out_dir)
+            return self._runtimes[key]
+
+    def _decode_crossing(self, tensors: dict[str, EncodedTensor], engine: SplitEngine, split: SplitPoint,
+                         inputs: GenerationInputs) -> dict[str, Any]:
+        """Check the received tensors against what the split should send, then decode them."""
+        expected = {spec.name: spec for spec in engine.crossing(split, inputs)}
+        if set(tensors) != set(expected):
+            raise FramingError(f"edge sent tensors {sorted(tensors)}, split {split} needs {sorted(expected)}",
+                               field="tensor_header.name")
+        out: dict[str, Any] = {}
+        for name, encoded in tensors.items():
+            spec = expected[name]
+            if tuple(encoded.shape) != tuple(spec.shape):
+                raise FramingError(f"tensor {name!r} has shape {list(encoded.shape)}, expected {list(spec.shape)}",
+                                   field="tensor_header.shape")
+            # the latent stays merged for the decoder split: the runtime unmerges it
+            out[name] = decode(encoded, unmerge=not (split.kind == "decoder" and name == "latents"))
+        return out
+
+    # -- the report ------------------------------------------------------------------------------
+
+    def _report(self, request: gen_pb.GenerationRequest, plan: gen_pb.Plan, split: SplitPoint,
+                inputs: GenerationInputs, answer: _EdgeAnswer, fallback_reason: str | None, runtime: Any, *,
+                edge_wall_s: float, decode_s: float, device_compute_s: float, wall_s: float) -> dict[str, Any]:
+        engine = self._get_engine()
+        flops = engine.flops(split, inputs)
+        parts: list[dict[str, Any]] = []
+        edge = answer.report if fallback_reason is None else None
+        if edge is not None:
+            parts += [_cost_dict(c) for c in edge.costs]
+        profile = load_profile(request.device_profile) if request.device_profile else None
+        parts.append({"part": "device.receive_decode", "profile": "this-machine", "latency_s": decode_s,
+                      "energy_j": 0.0, "flops": 0.0, "measured": True})
+        parts.append({"part": "device.compute", "profile": "this-machine", "latency_s": device_compute_s,
+                      "energy_j": 0.0, "flops": flops.device_flops, "measured": True})
+        if profile is not None:
+            parts.append({"part": "device.compute", "profile": profile.name,
+                          "latency_s": profile.compute_latency_s(flops.device_flops) if flops.device_flops else 0.0,
+                          "energy_j": profile.compute_energy_j(flops.device_flops) if flops.device_flops else 0.0,
+                          "flops": flops.device_flops, "measured": False})
+        modelled = [p for p in parts if not p["measured"]]
+        tensors = [
+            {"name": name, "codec_chain": enc.chain, "shape": list(enc.shape), "dtype": str(enc.dtype).removeprefix("torch."),
+             "raw_bytes": _numel(enc.shape) * enc.dtype.itemsize, "encoded_bytes": enc.bits_on_wire // 8}
+            for name, enc in answer.tensors.items()
+        ]
+        channel = channel_to_dict(edge.channel if edge is not None else request.channel)
+        channel.update({
+            "downlink_airtime_s": edge.downlink_airtime_s if edge else 0.0,
+            "retransmissions": int(edge.retransmissions) if edge else 0,
+            "feature_snr_db": edge.feature_snr_db if edge else None,
+        })
+        return {
+            "request_id": request.request_id,
+            "prompt": request.prompt,
+            "seed": int(request.seed),
+            "width": inputs.width,
+            "height": inputs.height,
+            "edge_addresses": list(self.addresses),
+            "plan": plan_to_dict(plan),
+            "fallback": {"used": fallback_reason is not None, "reason": fallback_reason},
+            "channel": channel,
+            "bytes": {
+                "downlink": int(edge.downlink_bytes) if edge else 0,
+                "uplink": int(edge.uplink_bytes) if edge else 0,
+                "tensors": tensors,
+            },
+            "parts": parts,
+            "latency_s": {
+                "modelled_total": sum(p["latency_s"] for p in modelled),
+                "measured_edge_call": edge_wall_s,
+                "measured_wall": wall_s,
+            },
+            "energy_j": {
+                "modelled_edge": sum(p["energy_j"] for p in modelled if p["part"].startswith("edge.")),
+                "modelled_link": sum(p["energy_j"] for p in modelled if p["part"].startswith("link.")),
+                "modelled_device": sum(p["energy_j"] for p in modelled if p["part"].startswith("device.")),
+                "modelled_total": sum(p["energy_j"] for p in modelled),
+            },
+            "device": {
+                "profile": request.device_profile or None,
+                "runtime": getattr(runtime, "name", "eager-torch"),
+                "providers": list(getattr(runtime, "providers", ("torch-cpu",))),
+            },
+            "quality": None,
+        }
+
+
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for size in shape:
+        out *= int(size)
+    return out
+
+
+def _cost_dict(cost: gen_pb.PartCost) -> dict[str, Any]:
+    return {"part": cost.part, "profile": cost.profile, "latency_s": cost.latency_s, "energy_j": cost.energy_j,
+            "flops": cost.flops, "measured": cost.measured}

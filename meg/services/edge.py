@@ -1,0 +1,646 @@
+"""The edge server: `EdgeService.Generate` runs the edge partition and streams the cut.
+
+One request, top to bottom (DESIGN.md §3):
+
+1. read `start`, check it against `ServiceLimits` (INVALID_ARGUMENT naming the field);
+2. take the plan: the request's override, else the policy (in-process or remote);
+3. admit the request (RESOURCE_EXHAUSTED when the queue is full) and run the edge stages
+   in a worker thread, streaming `Progress` events while it runs;
+4. encode each crossing tensor with the plan's codec chain, frame it, push every chunk
+   through the emulated link (airtime, retransmissions, feature noise) and send it;
+5. send the `EdgeReport`.
+
+Errors anywhere become one `Error` message plus the matching status (`meg.services.status`);
+a client's cancellation or a passed deadline stops the worker at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+from grpc import aio
+
+from meg.channel.link import LinkConfig, LinkEmulator
+from meg.codecs.chain import EncodedTensor, encode, parse_chain
+from meg.codecs.framing import MAX_CHUNK_BYTES, FramingLimits, TensorAssembler, frame_tensor
+from meg.devices import load_profile
+from meg.errors import (
+    DeadlineExceededError,
+    FramingError,
+    InvalidInputError,
+    MegError,
+    UnavailableError,
+)
+from meg.services.admission import WorkerPool
+from meg.services.convert import inputs_from_request, link_config_from_channel, split_from_proto
+from meg.services.limits import ServiceLimits, validate_plan, validate_request
+from meg.services.observability import ServiceMetrics, log_event, monotonic_s
+from meg.services.rule_policy import RuleBasedPolicy
+from meg.services.security import TlsConfig, token_metadata
+from meg.services.status import FIELD_METADATA_KEY, error_message, error_proto, grpc_code_for
+from meg.services.transport import (
+    bind_server,
+    channel_options,
+    enable_health_and_reflection,
+    set_serving,
+)
+from meg.split.engine import GenerationInputs, SplitEngine
+from meg.split.points import SplitPoint
+from meg.v1 import edge_service_pb2 as edge_pb
+from meg.v1 import edge_service_pb2_grpc as edge_grpc
+from meg.v1 import generation_pb2 as gen_pb
+from meg.v1 import policy_service_pb2 as policy_pb
+from meg.v1 import policy_service_pb2_grpc as policy_grpc
+
+__all__ = ["EdgeConfig", "EdgeServer", "create_edge_server", "serve_edge"]
+
+_log = logging.getLogger("meg.services.edge")
+SERVICE_NAME = edge_pb.DESCRIPTOR.services_by_name["EdgeService"].full_name
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything `meg serve edge` can set; defaults live here once."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind ("0.0.0.0" for all)."""
+    port: int = 50051
+    """Port to bind; 0 picks a free one."""
+    model: str = "tiny-random"
+    """Pipeline the edge loads (`meg.split.load_pipeline` name or local folder)."""
+    workers: int = 1
+    """Threads running model work concurrently."""
+    queue_size: int = 8
+    """Admitted requests that may wait for a worker; beyond this RESOURCE_EXHAUSTED."""
+    torch_threads: int = 0
+    """`torch.set_num_threads` for the edge; 0 leaves torch's default."""
+    policy_address: str | None = None
+    """Address of a remote `PolicyService`; None uses the in-process rule-based policy."""
+    policy_timeout_s: float = 2.0
+    """Deadline of each call to the remote policy."""
+    policy_token: str | None = None
+    """Bearer token for the remote policy service."""
+    token: str | None = None
+    """Bearer token callers must present; None turns auth off."""
+    tls: TlsConfig | None = None
+    """Certificate files (with `ca_file`: mutual TLS); None serves plaintext."""
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    """Bounds on requests."""
+    uplink_limits: FramingLimits = field(
+        default_factory=lambda: FramingLimits(max_elements=1 << 24, max_encoded_bytes=64 << 20, max_params_bytes=1 << 20)
+    )
+    """Bounds on tensors a client sends up (checked before anything is allocated)."""
+    link: LinkConfig = field(default_factory=LinkConfig)
+    """Emulator defaults for channel fields the request leaves at zero."""
+    realtime: bool = False
+    """Sleep for the link's airtime instead of only accounting it."""
+    packet_payload_bytes: int = 1024
+    """Bytes per emulated link packet (each chunk is cut into such packets)."""
+    chunk_size_bytes: int = MAX_CHUNK_BYTES
+    """Largest chunk of a framed tensor."""
+    edge_profile: str = "rtx-3080-ti"
+    """Device profile the edge's compute is modelled with in the report."""
+    max_request_s: float = 300.0
+    """Deadline the edge applies when the client sets none."""
+    grace_s: float = 5.0
+    """Seconds in-flight requests get to finish on shutdown."""
+    metrics_port: int | None = None
+    """Port of a Prometheus `/metrics` endpoint; None turns it off."""
+    reflection: bool = True
+    """Serve gRPC server reflection."""
+
+
+class CancelledByClient(MegError):
+    """The client sent `Cancel` on the request stream (answered with CANCELLED)."""
+
+
+@dataclass
+class _Job:
+    """State shared between a request's coroutine, its reader task and its worker thread."""
+
+    request_id: str
+    deadline_at: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+    uplink_bytes: int = 0
+    uplink_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.stop.set()
+        self.failed.set()
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set() or time.monotonic() > self.deadline_at
+
+
+@dataclass
+class _EdgeOutput:
+    """What the worker thread hands back to the coroutine."""
+
+    encoded: dict[str, EncodedTensor]
+    compute_s: float
+    encode_s: float
+    analog_airtime_s: float = 0.0
+    analog_energy_j: float = 0.0
+    feature_snr_db: float = 0.0
+
+
+class _PlanSource:
+    """Where plans come from: an in-process policy, or a remote `PolicyService`."""
+
+    def __init__(self, config: EdgeConfig, policy: Any) -> None:
+        self.policy = policy or RuleBasedPolicy()
+        self.address = config.policy_address
+        self.timeout_s = config.policy_timeout_s
+        self.metadata = token_metadata(config.policy_token)
+        self._channel: aio.Channel | None = None
+        self._stub: policy_grpc.PolicyServiceStub | None = None
+        self._max_message_bytes = config.limits.max_message_bytes
+
+    async def decide(self, observation: policy_pb.Observation) -> gen_pb.Plan:
+        if self.address is None:
+            return self.policy.decide(observation)
+        if self._stub is None:
+            self._channel = aio.insecure_channel(self.address, options=channel_options(self._max_message_bytes))
+            self._stub = policy_grpc.PolicyServiceStub(self._channel)
+        try:
+            response = await self._stub.Decide(
+                policy_pb.DecideRequest(observation=observation), timeout=self.timeout_s, metadata=self.metadata
+            )
+        except aio.AioRpcError as exc:
+            raise UnavailableError(
+                f"policy service at {self.address!r} failed: {exc.code().name}: {exc.details()}"
+            ) from exc
+        return response.plan
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+class EdgeServicer(edge_grpc.EdgeServiceServicer):
+    """Implements `Generate`; model work goes to the worker pool."""
+
+    def __init__(self, config: EdgeConfig, plans: _PlanSource, metrics: ServiceMetrics) -> None:
+        self.config = config
+        self.plans = plans
+        self.metrics = metrics
+        self.engine: SplitEngine | None = None
+        self.pool: WorkerPool | None = None
+        self._flops_cache: dict[tuple[str, int, int, int], Any] = {}
+
+    # -- the RPC ---------------------------------------------------------------------------
+
+    async def Generate(  # noqa: N802 - name fixed by the proto
+        self, request_iterator: AsyncIterator[edge_pb.GenerateRequest], context: aio.ServicerContext
+    ) -> None:
+        started = monotonic_s()
+        job: _Job | None = None
+        bytes_sent = 0
+        try:
+            if self.engine is None or self.pool is None:
+                raise UnavailableError("edge is not ready: the model is still loading")
+            try:
+                first = await anext(aiter(request_iterator))
+            except StopAsyncIteration:
+                raise InvalidInputError("request stream ended before a 'start' message", field="start") from None
+            kind = first.WhichOneof("kind")
+            if kind != "start":
+                raise InvalidInputError(f"first message must be 'start', got {kind!r}", field="kind")
+            request = first.start
+            validate_request(request, self.config.limits)
+            remaining = context.time_remaining()
+            budget_s = min(self.config.max_request_s, remaining if remaining is not None else math.inf)
+            job = _Job(request_id=request.request_id or uuid.uuid4().hex, deadline_at=time.monotonic() + budget_s)
+            job.uplink_bytes = first.ByteSize()
+            log_event(_log, "generate.start", request_id=job.request_id, prompt_chars=len(request.prompt), deadline_s=round(budget_s, 3))
+            reader = asyncio.create_task(self._read_uplink(request_iterator, job))
+            try:
+                bytes_sent = await self._generate(request, job, context)
+            finally:
+                reader.cancel()
+        except asyncio.CancelledError:
+            if job is not None:
+                job.stop.set()
+            self.metrics.observe(latency_s=monotonic_s() - started, code="CANCELLED")
+            log_event(_log, "generate.cancelled", request_id=job.request_id if job else "")
+            raise
+        except Exception as exc:  # the one boundary where exceptions become statuses
+            if job is not None:
+                job.stop.set()
+            await self._answer_error(exc, context, job, started)
+            return
+        self.metrics.observe(latency_s=monotonic_s() - started, code="OK", bytes_sent=bytes_sent)
+        log_event(_log, "generate.done", request_id=job.request_id, latency_s=round(monotonic_s() - started, 4), downlink_bytes=bytes_sent)
+
+    async def _answer_error(self, exc: Exception, context: aio.ServicerContext, job: _Job | None, started: float) -> None:
+        code = grpc.StatusCode.CANCELLED if isinstance(exc, CancelledByClient) else grpc_code_for(exc)
+        request_id = job.request_id if job else ""
+        self.metrics.observe(latency_s=monotonic_s() - started, code=code.name)
+        if isinstance(exc, MegError):
+            log_event(_log, "generate.error", level=logging.WARNING, request_id=request_id, code=code.name, error=error_message(exc))
+        else:
+            _log.exception("generate.internal_error", extra={"request_id": request_id})
+        field_name = exc.field if isinstance(exc, MegError) and exc.field else ""
+        # the stream may already be gone; the status still goes out
+        with contextlib.suppress(Exception):
+            await context.write(edge_pb.GenerateResponse(error=error_proto(exc)))
+        if field_name:
+            context.set_trailing_metadata(((FIELD_METADATA_KEY, field_name),))
+        await context.abort(code, error_message(exc))
+
+    # -- uplink ----------------------------------------------------------------------------
+
+    async def _read_uplink(self, request_iterator: AsyncIterator[edge_pb.GenerateRequest], job: _Job) -> None:
+        """Read what follows `start`: cancellation, or tensors framed like the downlink.
+
+        Uplink tensors go through the same checks as every framed tensor (header before
+        allocation, order, duplicates, sizes, CRC32C, codec chain). The MEG recipe
+        consumes none, so a complete and valid uplink tensor is refused by name.
+        """
+        assemblers: dict[int, TensorAssembler] = {}
+        names: dict[int, str] = {}
+        try:
+            async for message in request_iterator:
+                job.uplink_bytes += message.ByteSize()
+                kind = message.WhichOneof("kind")
+                if kind == "cancel":
+                    job.fail(CancelledByClient(f"cancelled by the client: {message.cancel.reason or 'no reason given'}"))
+                    return
+                if kind == "tensor_header":
+                    header = message.tensor_header
+                    if header.tensor_id in assemblers:
+                        raise FramingError(f"tensor_id {header.tensor_id} announced twice", field="tensor_header.tensor_id")
+                    assemblers[header.tensor_id] = TensorAssembler(header, self.config.uplink_limits)
+                    names[header.tensor_id] = header.name
+                elif kind == "tensor_chunk":
+                    chunk = message.tensor_chunk
+                    assembler = assemblers.get(chunk.tensor_id)
+                    if assembler is None:
+                        raise FramingError(f"chunk for tensor_id {chunk.tensor_id} before its header", field="tensor_chunk.tensor_id")
+                    if assembler.add(chunk):
+                        assembler.result()  # checksum and sizes are verified even for a refused tensor
+                        raise InvalidInputError(
+                            f"uplink tensor {names[chunk.tensor_id]!r} is not taken by the MEG recipe "
+                            "(it consumes no uplink tensors)",
+                            field="tensor_header.name",
+                        )
+                else:
+                    raise InvalidInputError(f"unexpected {kind!r} message after 'start'", field="kind")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            job.fail(exc)
+
+    # -- the generation --------------------------------------------------------------------
+
+    async def _generate(self, request: gen_pb.GenerationRequest, job: _Job, context: aio.ServicerContext) -> int:
+        assert self.engine is not None and self.pool is not None
+        config = self.config
+        if request.HasField("plan_override"):
+            plan = gen_pb.Plan()
+            plan.CopyFrom(request.plan_override)
+            plan.policy = plan.policy or "override"
+            plan_field = "plan_override"
+        else:
+            plan = await self._await_or_fail(self.plans.decide(self._observation(request)), job)
+            plan_field = "plan"
+        validate_plan(plan, config.limits, field=plan_field)
+        split = split_from_proto(plan.split, field=f"{plan_field}.split")
+        inputs = inputs_from_request(request, int(plan.steps))
+        chain = _chain_spec(plan, plan_field)
+        link = dataclasses.replace(link_config_from_channel(request.channel, config.link), realtime=config.realtime)
+        if request.device_profile:
+            load_profile(request.device_profile)  # unknown names fail here, naming the profile
+        self.engine.crossing(split, inputs)  # an impossible split fails here, before queueing
+        await context.write(edge_pb.GenerateResponse(plan=plan))
+
+        # Link emulators per request and direction, seeded from the request for reproducibility.
+        downlink = LinkEmulator(link, generator=torch.Generator().manual_seed(inputs.seed + 1))
+        uplink = LinkEmulator(dataclasses.replace(link, mode="ideal" if link.mode == "analog" else link.mode, realtime=False),
+                              generator=torch.Generator().manual_seed(inputs.seed + 2))
+
+        slot = self.pool.admit()
+        try:
+            progress: asyncio.Queue[edge_pb.GenerateResponse] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            started = monotonic_s()
+
+            def on_progress(stage: str, step: int, total: int) -> None:
+                event = gen_pb.Progress(stage=stage, step=step, total_steps=total, elapsed_s=monotonic_s() - started)
+                loop.call_soon_threadsafe(progress.put_nowait, edge_pb.GenerateResponse(progress=event))
+
+            work = asyncio.ensure_future(
+                self.pool.run(slot, lambda: self._edge_work(inputs, split, plan, chain, job, on_progress, downlink, link))
+            )
+            output = await self._forward_progress(work, progress, job, context)
+        finally:
+            slot.release()
+
+        sent_bytes = 0
+        airtime_s = output.analog_airtime_s
+        link_energy_j = output.analog_energy_j
+        retransmissions = 0
+        for tensor_id, (name, encoded) in enumerate(output.encoded.items()):
+            header, chunks = frame_tensor(
+                encoded, request_id=job.request_id, tensor_id=tensor_id, name=name, chunk_size_bytes=config.chunk_size_bytes
+            )
+            messages = [edge_pb.GenerateResponse(tensor_header=header)]
+            messages += [edge_pb.GenerateResponse(tensor_chunk=c) for c in chunks]
+            for message in messages:
+                size = message.ByteSize()
+                # analog mode carries the values as symbols; only headers (side information) go as packets
+                if link.mode != "analog" or message.HasField("tensor_header"):
+                    report = await self._send_packets(downlink, size, link.realtime)
+                    airtime_s += report.airtime_s
+                    link_energy_j += report.energy_j
+                    retransmissions += report.retransmissions
+                if job.error is not None:
+                    raise job.error
+                await context.write(message)
+                sent_bytes += size
+            await context.write(edge_pb.GenerateResponse(progress=gen_pb.Progress(
+                stage="send", step=tensor_id + 1, total_steps=len(output.encoded), elapsed_s=monotonic_s() - started)))
+
+        uplink_report = await self._send_packets(uplink, job.uplink_bytes, False)
+        report = gen_pb.EdgeReport(
+            request_id=job.request_id,
+            plan=plan,
+            channel=request.channel,
+            downlink_bytes=sent_bytes,
+            uplink_bytes=job.uplink_bytes,
+            downlink_airtime_s=airtime_s,
+            retransmissions=retransmissions,
+            feature_snr_db=output.feature_snr_db,
+            costs=self._costs(split, inputs, output, airtime_s, link_energy_j, uplink_report),
+        )
+        report.channel.mode = _MODE_PROTO[link.mode]
+        await context.write(edge_pb.GenerateResponse(report=report))
+        return sent_bytes
+
+    async def _await_or_fail(self, awaitable: Any, job: _Job) -> Any:
+        """Await `awaitable`, unless the reader reports a failure first (then raise it)."""
+        task = asyncio.ensure_future(awaitable)
+        failed = asyncio.ensure_future(job.failed.wait())
+        try:
+            await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+        if not task.done():
+            task.cancel()
+            assert job.error is not None
+            raise job.error
+        return task.result()
+
+    async def _forward_progress(
+        self,
+        work: asyncio.Future[_EdgeOutput],
+        progress: asyncio.Queue[edge_pb.GenerateResponse],
+        job: _Job,
+        context: aio.ServicerContext,
+    ) -> _EdgeOutput:
+        """Send progress events while the worker runs; return its output."""
+        try:
+            while True:
+                getter = asyncio.ensure_future(progress.get())
+                failed = asyncio.ensure_future(job.failed.wait())
+                done, _ = await asyncio.wait({work, getter, failed}, return_when=asyncio.FIRST_COMPLETED)
+                failed.cancel()
+                if getter in done:
+                    await context.write(getter.result())
+                else:
+                    getter.cancel()
+                if job.error is not None:
+                    raise job.error
+                if work.done():
+                    while not progress.empty():
+                        await context.write(progress.get_nowait())
+                    return work.result()
+        finally:
+            if not work.done():
+                job.stop.set()
+                work.cancel()
+
+    async def _send_packets(self, emulator: LinkEmulator, size_bytes: int, realtime: bool) -> Any:
+        """Account one message on the link as packets of `packet_payload_bytes`."""
+        step = self.config.packet_payload_bytes
+        sizes = [min(step, size_bytes - offset) for offset in range(0, size_bytes, step)] or [0]
+        if realtime:  # the emulator sleeps for the airtime: keep that off the event loop
+            return await asyncio.to_thread(emulator.send_packets, sizes)
+        return emulator.send_packets(sizes)
+
+    def _edge_work(
+        self,
+        inputs: GenerationInputs,
+        split: SplitPoint,
+        plan: gen_pb.Plan,
+        chain: str,
+        job: _Job,
+        on_progress: Callable[[str, int, int], None],
+        downlink: LinkEmulator,
+        link: LinkConfig,
+    ) -> _EdgeOutput:
+        """Worker thread: run the edge stages, then (analog mode) the link, then encode."""
+        assert self.engine is not None
+        if job.should_stop():
+            raise DeadlineExceededError(f"request {job.request_id} ran out of time while queued")
+        start = monotonic_s()
+        crossing = self.engine.run_edge(
+            inputs, split, tome_ratio=float(plan.tome_ratio), on_progress=on_progress, should_stop=job.should_stop
+        )
+        compute_s = monotonic_s() - start
+        output = _EdgeOutput(encoded={}, compute_s=compute_s, encode_s=0.0)
+        if link.mode == "analog":
+            snr_weighted, numel = 0.0, 0
+            for name, tensor in crossing.items():
+                if tensor.is_floating_point():
+                    crossing[name], report = downlink.send_analog(tensor)
+                    output.analog_airtime_s += report.airtime_s
+                    output.analog_energy_j += report.energy_j
+                    snr_weighted += report.feature_snr_db * tensor.numel()
+                    numel += tensor.numel()
+            output.feature_snr_db = snr_weighted / numel if numel else 0.0
+        start = monotonic_s()
+        for name, tensor in crossing.items():
+            generator = torch.Generator().manual_seed(inputs.seed)
+            output.encoded[name] = encode(tensor, _chain_for(name, chain, plan.merge_ratio), generator=generator)
+        output.encode_s = monotonic_s() - start
+        return output
+
+    def _costs(self, split: SplitPoint, inputs: GenerationInputs, output: _EdgeOutput, airtime_s: float,
+               link_energy_j: float, uplink_report: Any) -> list[gen_pb.PartCost]:
+        assert self.engine is not None
+        key = (str(split), inputs.steps, inputs.height, inputs.width)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = self.engine.flops(split, inputs)
+        flops = self._flops_cache[key]
+        profile = load_profile(self.config.edge_profile)
+        return [
+            gen_pb.PartCost(part="edge.compute", profile="this-machine", latency_s=output.compute_s,
+                            flops=flops.edge_flops, measured=True),
+            gen_pb.PartCost(part="edge.encode", profile="this-machine", latency_s=output.encode_s, measured=True),
+            gen_pb.PartCost(part="edge.compute", profile=profile.name, latency_s=profile.compute_latency_s(flops.edge_flops) if flops.edge_flops else 0.0,
+                            energy_j=profile.compute_energy_j(flops.edge_flops) if flops.edge_flops else 0.0,
+                            flops=flops.edge_flops, measured=False),
+            gen_pb.PartCost(part="link.downlink", profile="link", latency_s=airtime_s, energy_j=link_energy_j, measured=False),
+            gen_pb.PartCost(part="link.uplink", profile="link", latency_s=uplink_report.airtime_s,
+                            energy_j=uplink_report.energy_j, measured=False),
+        ]
+
+    @staticmethod
+    def _observation(request: gen_pb.GenerationRequest) -> policy_pb.Observation:
+        return policy_pb.Observation(
+            channel=request.channel,
+            width=request.width,
+            height=request.height,
+            limits=request.limits,
+            device_profile=request.device_profile,
+            recipe=request.recipe,
+        )
+
+
+_MODE_PROTO = {
+    "ideal": gen_pb.TRANSPORT_MODE_IDEAL,
+    "digital": gen_pb.TRANSPORT_MODE_DIGITAL,
+    "analog": gen_pb.TRANSPORT_MODE_ANALOG,
+}
+
+
+def _chain_spec(plan: gen_pb.Plan, plan_field: str) -> str:
+    """Canonical codec chain of the plan; an unknown chain raises `CodecError` naming it."""
+    spec = plan.codec_chain or "none"
+    try:
+        return parse_chain(spec).spec
+    except MegError as exc:
+        exc.field = exc.field or f"{plan_field}.codec_chain"
+        raise
+
+
+def _chain_for(name: str, chain: str, merge_ratio: float) -> str:
+    """The chain for one crossing tensor: the final latent is token-merged first (MEG)."""
+    if name == "latents" and merge_ratio > 0 and not chain.startswith("merge"):
+        return f"merge:{merge_ratio:g}" if chain == "none" else f"merge:{merge_ratio:g},{chain}"
+    return chain
+
+
+class EdgeServer:
+    """An edge server bound to a port: `await start()`, `await stop()`.
+
+    `start` returns at once; the model loads in a worker thread and the health service
+    turns SERVING only once it has loaded (until then `Generate` answers UNAVAILABLE).
+    """
+
+    def __init__(self, server: aio.Server, port: int, config: EdgeConfig, servicer: EdgeServicer, health: Any,
+                 pipeline: Any) -> None:
+        self.grpc_server = server
+        self.port = port
+        self.config = config
+        self.servicer = servicer
+        self.health = health
+        self.metrics_port: int | None = None
+        self._pipeline = pipeline
+        self._loaded = asyncio.Event()
+        self._load_task: asyncio.Task[None] | None = None
+        self._load_error: BaseException | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start serving; the model loads in the background."""
+        await self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.servicer.metrics.serve_http(self.config.metrics_port, self.config.host)
+        self._load_task = asyncio.create_task(self._load())
+        log_event(_log, "edge.started", address=self.address, model=self.config.model)
+
+    async def _load(self) -> None:
+        try:
+            pipeline = self._pipeline
+            if pipeline is None:
+                from meg.split.loading import load_pipeline
+
+                if self.config.torch_threads:
+                    torch.set_num_threads(self.config.torch_threads)
+                pipeline = await asyncio.to_thread(load_pipeline, self.config.model)
+            self.servicer.engine = SplitEngine(pipeline)
+            self.servicer.pool = WorkerPool(self.config.workers, self.config.queue_size)
+            await set_serving(self.health, [SERVICE_NAME], True)
+            log_event(_log, "edge.serving", address=self.address, model=self.config.model)
+        except Exception as exc:
+            self._load_error = exc
+            _log.exception("edge.load_failed", extra={"model": self.config.model})
+        finally:
+            self._loaded.set()
+
+    async def wait_until_ready(self, timeout_s: float | None = None) -> None:
+        """Wait until the model has loaded; re-raise a loading error."""
+        await asyncio.wait_for(self._loaded.wait(), timeout_s)
+        if self._load_error is not None:
+            raise self._load_error
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking requests (health NOT_SERVING), let in-flight ones finish within
+        `grace_s` (default `config.grace_s`), then close."""
+        await set_serving(self.health, [SERVICE_NAME], False)
+        await self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.servicer.pool is not None:
+            self.servicer.pool.shutdown()
+        await self.servicer.plans.close()
+        self.servicer.metrics.close()
+        log_event(_log, "edge.stopped", address=self.address)
+
+
+async def create_edge_server(
+    config: EdgeConfig = EdgeConfig(), *, pipeline: Any = None, policy: Any = None
+) -> tuple[EdgeServer, int]:
+    """Build (not start) an edge server; returns it and the bound port.
+
+    Args:
+        config: address, model, pool sizes, auth, TLS, limits, link defaults.
+        pipeline: an already-loaded diffusers pipeline to serve instead of `config.model`
+            (tests and the demo share one between edge and device).
+        policy: in-process `meg.policy.Policy` used when `config.policy_address` is None;
+            default the rule-based policy.
+    """
+    server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes,
+                               token=config.token, tls=config.tls)
+    servicer = EdgeServicer(config, _PlanSource(config, policy), ServiceMetrics("edge"))
+    edge_grpc.add_EdgeServiceServicer_to_server(servicer, server)
+    health = enable_health_and_reflection(server, [SERVICE_NAME], reflect=config.reflection)
+    await set_serving(health, [SERVICE_NAME], False)
+    return EdgeServer(server, port, config, servicer, health, pipeline), port
+
+
+async def serve_edge(config: EdgeConfig, *, on_ready: Callable[[EdgeServer], None] | None = None) -> None:
+    """Run an edge server until SIGINT/SIGTERM, then drain in-flight requests."""
+    server, _ = await create_edge_server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.wait_until_ready()
+    if on_ready is not None:
+        on_ready(server)
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,130 @@
+"""`PolicyService` over gRPC: `Decide(observation) -> plan` for edges that ask remotely.
+
+The servicer is thin: it calls any `meg.policy.Policy` (by default the rule-based one)
+and times the decision. `create_policy_server` builds the server without starting it;
+`serve_policy` runs one until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc import aio
+
+from meg.services.limits import ServiceLimits, validate_plan
+from meg.services.observability import ServiceMetrics, log_event, monotonic_s
+from meg.services.rule_policy import RuleBasedPolicy
+from meg.services.security import TlsConfig
+from meg.services.status import error_message, grpc_code_for
+from meg.services.transport import bind_server, enable_health_and_reflection, set_serving
+from meg.v1 import policy_service_pb2 as policy_pb
+from meg.v1 import policy_service_pb2_grpc as policy_grpc
+
+__all__ = ["PolicyServer", "PolicyServerConfig", "create_policy_server", "serve_policy"]
+
+_log = logging.getLogger("meg.services.policy")
+SERVICE_NAME = policy_pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
+
+
+@dataclass(frozen=True)
+class PolicyServerConfig:
+    """Where and how `meg serve policy` listens."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind ("0.0.0.0" for all)."""
+    port: int = 50052
+    """Port to bind; 0 picks a free one."""
+    token: str | None = None
+    """Bearer token callers must present; None turns auth off."""
+    tls: TlsConfig | None = None
+    """Certificate files; None serves plaintext."""
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    """Bounds every returned plan is checked against."""
+    metrics_port: int | None = None
+    """Port of a Prometheus `/metrics` endpoint; None turns it off."""
+    grace_s: float = 2.0
+    """Seconds in-flight calls get to finish on shutdown."""
+
+
+class PolicyServicer(policy_grpc.PolicyServiceServicer):
+    """Answers `Decide` with `policy.decide(observation)`."""
+
+    def __init__(self, policy: Any, limits: ServiceLimits, metrics: ServiceMetrics) -> None:
+        self.policy = policy
+        self.limits = limits
+        self.metrics = metrics
+
+    async def Decide(self, request: policy_pb.DecideRequest, context: aio.ServicerContext) -> policy_pb.DecideResponse:  # noqa: N802
+        start = monotonic_s()
+        try:
+            plan = self.policy.decide(request.observation)
+            validate_plan(plan, self.limits)
+        except Exception as exc:  # the one boundary where exceptions become statuses
+            code = grpc_code_for(exc)
+            self.metrics.observe(latency_s=monotonic_s() - start, code=code.name)
+            log_event(_log, "decide.error", level=logging.WARNING, code=code.name, error=error_message(exc))
+            await context.abort(code, error_message(exc))
+        latency_s = monotonic_s() - start
+        self.metrics.observe(latency_s=latency_s, code="OK")
+        return policy_pb.DecideResponse(plan=plan, decision_latency_s=latency_s)
+
+
+class PolicyServer:
+    """A policy service bound to a port; `start`, then `stop`."""
+
+    def __init__(self, server: aio.Server, port: int, config: PolicyServerConfig, servicer: PolicyServicer, health: Any) -> None:
+        self.grpc_server = server
+        self.port = port
+        self.config = config
+        self.servicer = servicer
+        self.health = health
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.servicer.metrics.serve_http(self.config.metrics_port, self.config.host)
+        await set_serving(self.health, [SERVICE_NAME], True)
+        log_event(_log, "policy.started", address=self.address, policy=getattr(self.servicer.policy, "name", "?"))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await set_serving(self.health, [SERVICE_NAME], False)
+        await self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s)
+        self.servicer.metrics.close()
+
+
+async def create_policy_server(config: PolicyServerConfig = PolicyServerConfig(), *, policy: Any = None) -> tuple[PolicyServer, int]:
+    """Build (not start) a policy server; returns it and the bound port.
+
+    Args:
+        config: address, auth, TLS, limits.
+        policy: any object with `name` and `decide(observation) -> Plan`; default rule-based.
+    """
+    server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes, token=config.token, tls=config.tls)
+    servicer = PolicyServicer(policy or RuleBasedPolicy(), config.limits, ServiceMetrics("policy"))
+    policy_grpc.add_PolicyServiceServicer_to_server(servicer, server)
+    health = enable_health_and_reflection(server, [SERVICE_NAME])
+    await set_serving(health, [SERVICE_NAME], False)
+    return PolicyServer(server, port, config, servicer, health), port
+
+
+async def serve_policy(config: PolicyServerConfig, *, policy: Any = None) -> None:
+    """Run a policy server until SIGINT/SIGTERM, then drain."""
+    server, _ = await create_policy_server(config, policy=policy)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
