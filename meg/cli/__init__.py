@@ -20,6 +20,8 @@ __all__ = ["LazyGroup", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("meg.cli.bench:bench", "Benchmarks: print a table and write JSON."),
     "channel": ("meg.channel.cli:channel", "Wireless channel emulator: BER curves, link budget."),
+    "generate": ("meg.services.cli:generate", "Generate an image as the user device, with an edge's help."),
+    "serve": ("meg.services.cli:serve", "Run the edge server or the policy service."),
 }
 
 

@@ -1,0 +1,198 @@
+"""`meg serve edge`, `meg serve policy` and `meg generate`.
+
+Defaults come from the services' frozen dataclasses (`EdgeConfig`, `PolicyServerConfig`,
+`ClientConfig`, `DeviceRequest`, `RulePolicyConfig`), so they are defined once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meg.services.client import ClientConfig, DeviceRequest
+from meg.services.edge import EdgeConfig
+from meg.services.policy_server import PolicyServerConfig
+from meg.services.security import TOKEN_ENV_VAR, TlsConfig
+
+__all__ = ["generate", "serve"]
+
+
+def _tls(cert: Path | None, key: Path | None, ca: Path | None, server_name: str | None = None) -> TlsConfig | None:
+    if cert is None and key is None and ca is None:
+        return None
+    return TlsConfig(cert_file=cert, key_file=key, ca_file=ca, server_name_override=server_name)
+
+
+_PATH = click.Path(dir_okay=False, path_type=Path)
+
+
+def _tls_options(fn: Any) -> Any:
+    fn = click.option("--tls-ca", type=_PATH, help="CA certificate (PEM); on a server it turns on mutual TLS.")(fn)
+    fn = click.option("--tls-key", type=_PATH, help="Private key (PEM).")(fn)
+    fn = click.option("--tls-cert", type=_PATH, help="Certificate (PEM).")(fn)
+    return fn
+
+
+@click.group("serve")
+def serve() -> None:
+    """Run a service: the edge server or the policy service (JSON logs on stderr)."""
+
+
+@serve.command("edge")
+@click.option("--host", default=EdgeConfig.host, show_default=True, help="Interface to bind (0.0.0.0 for all).")
+@click.option("--port", type=int, default=EdgeConfig.port, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--model", default=EdgeConfig.model, show_default=True, help="Pipeline name or local diffusers folder.")
+@click.option("--workers", type=int, default=EdgeConfig.workers, show_default=True, help="Threads running model work.")
+@click.option("--queue-size", type=int, default=EdgeConfig.queue_size, show_default=True, help="Waiting requests before RESOURCE_EXHAUSTED.")
+@click.option("--policy-address", default=None, help="Remote PolicyService host:port (default: in-process rules).")
+@click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
+@_tls_options
+@click.option("--realtime", is_flag=True, help="Sleep for the emulated link's airtime.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve_edge_command(host: str, port: int, model: str, workers: int, queue_size: int, policy_address: str | None,
+                       token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
+                       realtime: bool, metrics_port: int | None, log_level: str) -> None:
+    """Run the edge server (EdgeService.Generate) until Ctrl-C, then drain."""
+    from meg.services.edge import EdgeServer, serve_edge
+    from meg.services.observability import configure_logging
+    from meg.services.security import resolve_token
+
+    configure_logging(log_level)
+    config = EdgeConfig(host=host, port=port, model=model, workers=workers, queue_size=queue_size,
+                        policy_address=policy_address, token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
+                        realtime=realtime, metrics_port=metrics_port)
+
+    def ready(server: EdgeServer) -> None:
+        click.echo(f"edge serving {model} on {server.address}" +
+                   (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), err=True)
+
+    asyncio.run(serve_edge(config, on_ready=ready))
+
+
+@serve.command("policy")
+@click.option("--host", default=PolicyServerConfig.host, show_default=True, help="Interface to bind.")
+@click.option("--port", type=int, default=PolicyServerConfig.port, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
+@_tls_options
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path | None, tls_key: Path | None,
+                         tls_ca: Path | None, metrics_port: int | None, log_level: str) -> None:
+    """Run the policy service (PolicyService.Decide, rule-based) until Ctrl-C."""
+    from meg.services.observability import configure_logging
+    from meg.services.policy_server import serve_policy
+    from meg.services.security import resolve_token
+
+    configure_logging(log_level)
+    config = PolicyServerConfig(host=host, port=port, token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
+                                metrics_port=metrics_port)
+    click.echo(f"policy service on {host}:{port}", err=True)
+    asyncio.run(serve_policy(config))
+
+
+@click.command("generate")
+@click.option("--edge", "edges", multiple=True, default=[f"{EdgeConfig.host}:{EdgeConfig.port}"], show_default=True,
+              help="Edge address host:port; repeat for round-robin over several.")
+@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("--negative-prompt", default="", help="Negative prompt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--width", type=int, default=None, help="Width in pixels (default: the model's).")
+@click.option("--height", type=int, default=None, help="Height in pixels (default: the model's).")
+@click.option("--device-profile", default=DeviceRequest.device_profile, show_default=True, help="Device profile for modelled costs.")
+@click.option("--mode", type=click.Choice(["ideal", "digital", "analog"]), default="ideal", show_default=True,
+              help="Emulated link: ideal, digital (packets, ARQ) or analog (noisy features).")
+@click.option("--snr-db", type=float, default=None, help="Link SNR (default: from --distance-m, else the emulator's).")
+@click.option("--distance-m", type=float, default=None, help="Distance to the edge; SNR from MEG's link budget.")
+@click.option("--bandwidth-hz", type=float, default=None, help="Link bandwidth.")
+@click.option("--rate-bps", type=float, default=None, help="Fixed link rate (default: from SNR and bandwidth).")
+@click.option("--fading", type=click.Choice(["awgn", "rayleigh", "rician"]), default="awgn", show_default=True)
+@click.option("--split", default=None, help="Force a split (device, step:K, decoder, image, unet:B); default: the policy decides.")
+@click.option("--steps", type=int, default=None, help="Steps of a forced plan (default: the rule policy's).")
+@click.option("--merge-ratio", type=float, default=0.0, show_default=True, help="Merge ratio of a forced plan.")
+@click.option("--codec", default="fp16,zstd:3", show_default=True, help="Codec chain of a forced plan.")
+@click.option("--tome-ratio", type=float, default=0.0, show_default=True, help="Edge ToMe ratio of a forced plan.")
+@click.option("--latency-limit-s", type=float, default=0.0, show_default=True, help="Latency limit (0: none).")
+@click.option("--energy-limit-j", type=float, default=0.0, show_default=True, help="Energy limit (0: none).")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "torch", "eager"]), default=ClientConfig.runtime, show_default=True,
+              help="Device partition runtime.")
+@click.option("--model", default=ClientConfig.model, show_default=True, help="Pipeline of the device partition.")
+@click.option("--token", default=None, envvar=TOKEN_ENV_VAR, help=f"Bearer token (or ${TOKEN_ENV_VAR}).")
+@_tls_options
+@click.option("--tls-server-name", default=None, help="Host name the edge certificate carries, if not the address.")
+@click.option("--deadline-s", type=float, default=ClientConfig.deadline_s, show_default=True, help="Deadline of the edge call.")
+@click.option("--no-fallback", is_flag=True, help="Fail instead of generating on the device.")
+@click.option("--reference", is_flag=True, help="Also run the unsplit reference and report the difference.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("meg-out"),
+              show_default=True, help="Folder for image.png and report.json.")
+def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: int, width: int | None, height: int | None,
+             device_profile: str, mode: str, snr_db: float | None, distance_m: float | None, bandwidth_hz: float | None,
+             rate_bps: float | None, fading: str, split: str | None, steps: int | None, merge_ratio: float, codec: str,
+             tome_ratio: float, latency_limit_s: float, energy_limit_j: float, runtime: str, model: str,
+             token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
+             tls_server_name: str | None, deadline_s: float, no_fallback: bool, reference: bool, out_dir: Path) -> None:
+    """Generate one image as the user device: the edge runs its part, this machine the rest."""
+    import dataclasses
+
+    from meg.channel.link import LinkConfig
+    from meg.channel.pathloss import MEG_LINK_BUDGET
+    from meg.errors import MegError
+    from meg.services.client import DeviceClient
+    from meg.services.convert import make_plan
+    from meg.services.rule_policy import RulePolicyConfig
+
+    link_fields: dict[str, Any] = {"mode": mode, "fading": fading}
+    if snr_db is None and distance_m is not None:
+        snr_db = float(MEG_LINK_BUDGET.snr_db(distance_m))
+    for name, value in (("snr_db", snr_db), ("bandwidth_hz", bandwidth_hz), ("rate_bps", rate_bps)):
+        if value is not None:
+            link_fields[name] = value
+    sizes = {k: v for k, v in (("width", width), ("height", height)) if v is not None}
+    try:
+        plan = (make_plan(split, steps=steps or RulePolicyConfig.steps, merge_ratio=merge_ratio, codec_chain=codec,
+                          tome_ratio=tome_ratio) if split else None)
+        request = DeviceRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, device_profile=device_profile,
+                                link=dataclasses.replace(LinkConfig(), **link_fields), distance_m=distance_m or 0.0,
+                                latency_limit_s=latency_limit_s, energy_limit_j=energy_limit_j, plan=plan, **sizes)
+        config = ClientConfig(deadline_s=deadline_s, token=token, runtime=runtime,  # type: ignore[arg-type]
+                              tls=_tls(tls_cert, tls_key, tls_ca, tls_server_name), model=model,
+                              fallback=not no_fallback)
+        with DeviceClient(list(edges), config) as client:
+            result = client.generate(request, reference=reference)
+    except MegError as exc:
+        click.echo(f"error: {exc.field + ': ' if exc.field else ''}{exc.message}", err=True)
+        sys.exit(2)
+    image_path, report_path = result.save(out_dir)
+    print_summary(result.report)
+    click.echo(f"wrote {image_path} and {report_path}")
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """A short table of a generation report: plan, bytes, latency parts, quality."""
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = report["plan"]
+    table = Table(title=f"request {report['request_id'][:12]}", show_header=True)
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("split / steps", f"{plan['split']} / {plan['steps']}")
+    table.add_row("codec / merge", f"{plan['codec_chain']} / {plan['merge_ratio']:g}")
+    table.add_row("policy", str(plan["policy"]))
+    fallback = report["fallback"]
+    table.add_row("fallback", fallback["reason"] if fallback["used"] else "no")
+    table.add_row("link", f"{report['channel']['mode']} @ {report['channel']['snr_db']:.1f} dB")
+    table.add_row("bytes down / up", f"{report['bytes']['downlink']} / {report['bytes']['uplink']}")
+    for part in report["parts"]:
+        kind = "measured" if part["measured"] else "modelled"
+        table.add_row(f"{part['part']} ({part['profile']}, {kind})", f"{part['latency_s'] * 1e3:.2f} ms")
+    table.add_row("modelled latency / energy",
+                  f"{report['latency_s']['modelled_total'] * 1e3:.2f} ms / {report['energy_j']['modelled_total']:.3g} J")
+    table.add_row("measured wall", f"{report['latency_s']['measured_wall'] * 1e3:.1f} ms")
+    if report.get("quality"):
+        table.add_row("MSE vs reference", f"{report['quality']['mse_vs_reference']:.3g}")
+    Console().print(table)
