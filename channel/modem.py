@@ -54,13 +54,11 @@ class Modem:
         self.scale = math.sqrt(self._axes * (levels * levels - 1) / 3.0) ** -1
         index = torch.arange(levels)
         gray = index ^ (index >> 1)
-        # level index -> its Gray label, and label -> level index
-        self._label_of_level = gray
-        self._level_of_label = torch.empty_like(gray)
-        self._level_of_label[gray] = index
-        shifts = torch.arange(self._bits_per_axis - 1, -1, -1)
-        self._label_bits = ((gray[:, None] >> shifts) & 1).to(torch.uint8)  # [L, bits_per_axis]
-        self._weights = 1 << shifts
+        # level i carries Gray label i ^ (i >> 1); invert that to place labels on levels
+        level_of_label = torch.empty_like(gray)
+        level_of_label[gray] = index
+        self._amplitude_of_label = (2 * level_of_label - (levels - 1)).to(torch.float32) * self.scale
+        self._shifts = torch.arange(self._bits_per_axis - 1, -1, -1, dtype=torch.uint8)
 
     def modulate(self, bits: Tensor) -> Tensor:
         """Map bits to symbols.
@@ -80,9 +78,16 @@ class Modem:
                 f"number of bits ({n}) must be a positive multiple of {self.bits_per_symbol} for {self.modulation}"
             )
         grouped = bits.reshape(*bits.shape[:-1], n // self.bits_per_symbol, self._axes, self._bits_per_axis)
-        labels = (grouped.long() * self._weights).sum(-1)  # [..., S, axes]
-        level_index = self._level_of_label[labels]
-        amplitude = (2 * level_index - (self._levels - 1)).to(torch.float32) * self.scale
+        if self._bits_per_axis == 1:  # BPSK / QPSK: the bit itself picks −1 or +1
+            amplitude = (grouped[..., 0].to(torch.float32) * 2.0 - 1.0) * self.scale
+            if self._axes == 1:
+                return torch.complex(amplitude[..., 0], torch.zeros_like(amplitude[..., 0]))
+            return torch.complex(amplitude[..., 0], amplitude[..., 1])
+        # label of each axis, most significant bit first
+        labels = grouped[..., 0].to(torch.int64)
+        for position in range(1, self._bits_per_axis):
+            labels = labels * 2 + grouped[..., position]
+        amplitude = self._amplitude_of_label[labels]  # [..., S, axes] float32
         if self._axes == 1:
             return torch.complex(amplitude[..., 0], torch.zeros_like(amplitude[..., 0]))
         return torch.complex(amplitude[..., 0], amplitude[..., 1])
@@ -100,13 +105,14 @@ class Modem:
             axes = [symbols.real] if self._axes == 1 else [symbols.real, symbols.imag]
         else:
             axes = [symbols] if self._axes == 1 else [symbols, torch.zeros_like(symbols)]
-        decided = []
+        labels = []
         for axis in axes:
             # nearest level: undo the scale, shift levels ±1, ±3, … onto 0 … L−1, round, clip
-            index = torch.round((axis / self.scale + (self._levels - 1)) * 0.5)
-            decided.append(index.clamp_(0, self._levels - 1).long())
-        level_index = torch.stack(decided, dim=-1)  # [..., S, axes]
-        bits = self._label_bits[level_index]  # [..., S, axes, bits_per_axis]
+            index = torch.round((axis / self.scale + (self._levels - 1)) * 0.5).clamp_(0, self._levels - 1)
+            index = index.to(torch.uint8)
+            labels.append(index ^ (index >> 1))  # the Gray label of that level
+        stacked = torch.stack(labels, dim=-1)  # [..., S, axes]
+        bits = (stacked.unsqueeze(-1) >> self._shifts) & 1  # [..., S, axes, bits_per_axis]
         return bits.reshape(*symbols.shape[:-1], symbols.shape[-1] * self.bits_per_symbol)
 
     def constellation(self) -> tuple[Tensor, Tensor]:
