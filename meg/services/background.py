@@ -70,7 +70,8 @@ class RunningServer:
 
 
 def start_edge(config: EdgeConfig = EdgeConfig(), *, pipeline: Any = None, policy: Any = None,
-               loop: ServiceLoop | None = None, ready_timeout_s: float | None = 300.0) -> RunningServer:
+               loop: ServiceLoop | None = None, ready_timeout_s: float | None = 300.0,
+               wait_ready: bool = True) -> RunningServer:
     """Create, start and wait for an edge server (its model loaded) on `loop` (default: a new one)."""
     own = loop is None
     service_loop = loop or ServiceLoop()
@@ -78,7 +79,8 @@ def start_edge(config: EdgeConfig = EdgeConfig(), *, pipeline: Any = None, polic
     async def start() -> EdgeServer:
         server, _ = await create_edge_server(config, pipeline=pipeline, policy=policy)
         await server.start()
-        await server.wait_until_ready(ready_timeout_s)
+        if wait_ready:
+            await server.wait_until_ready(ready_timeout_s)
         return server
 
     return RunningServer(service_loop.run(start()), service_loop, own)

@@ -547,7 +547,7 @@ class EdgeServer:
     """
 
     def __init__(self, server: aio.Server, port: int, config: EdgeConfig, servicer: EdgeServicer, health: Any,
-                 pipeline: Any) -> None:
+                 pipeline: Any, loader: Callable[[], Any] | None = None) -> None:
         self.grpc_server = server
         self.port = port
         self.config = config
@@ -555,6 +555,7 @@ class EdgeServer:
         self.health = health
         self.metrics_port: int | None = None
         self._pipeline = pipeline
+        self._loader = loader
         self._loaded = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
         self._load_error: BaseException | None = None
@@ -575,11 +576,14 @@ class EdgeServer:
         try:
             pipeline = self._pipeline
             if pipeline is None:
-                from meg.split.loading import load_pipeline
-
                 if self.config.torch_threads:
                     torch.set_num_threads(self.config.torch_threads)
-                pipeline = await asyncio.to_thread(load_pipeline, self.config.model)
+                if self._loader is not None:
+                    pipeline = await asyncio.to_thread(self._loader)
+                else:
+                    from meg.split.loading import load_pipeline
+
+                    pipeline = await asyncio.to_thread(load_pipeline, self.config.model)
             self.servicer.engine = SplitEngine(pipeline)
             self.servicer.pool = WorkerPool(self.config.workers, self.config.queue_size)
             await set_serving(self.health, [SERVICE_NAME], True)
@@ -611,7 +615,8 @@ class EdgeServer:
 
 
 async def create_edge_server(
-    config: EdgeConfig = EdgeConfig(), *, pipeline: Any = None, policy: Any = None
+    config: EdgeConfig = EdgeConfig(), *, pipeline: Any = None, policy: Any = None,
+    loader: Callable[[], Any] | None = None,
 ) -> tuple[EdgeServer, int]:
     """Build (not start) an edge server; returns it and the bound port.
 
@@ -621,6 +626,8 @@ async def create_edge_server(
             (tests and the demo share one between edge and device).
         policy: in-process `meg.policy.Policy` used when `config.policy_address` is None;
             default the rule-based policy.
+        loader: called in a worker thread after `start` to load the pipeline (default
+            `load_pipeline(config.model)`); ignored when `pipeline` is given.
     """
     server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes,
                                token=config.token, tls=config.tls)
@@ -628,7 +635,7 @@ async def create_edge_server(
     edge_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     health = enable_health_and_reflection(server, [SERVICE_NAME], reflect=config.reflection)
     await set_serving(health, [SERVICE_NAME], False)
-    return EdgeServer(server, port, config, servicer, health, pipeline), port
+    return EdgeServer(server, port, config, servicer, health, pipeline, loader), port
 
 
 async def serve_edge(config: EdgeConfig, *, on_ready: Callable[[EdgeServer], None] | None = None) -> None:

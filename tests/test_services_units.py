@@ -1,0 +1,368 @@
+"""Service pieces that need no model: status mapping, limits, conversions, admission,
+rule policy, and the policy service over real sockets with bearer auth, TLS and mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meg.channel.link import LinkConfig
+from meg.errors import (
+    AuthenticationError,
+    ChannelError,
+    CodecError,
+    CorruptPayloadError,
+    DeadlineExceededError,
+    FramingError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+    SplitError,
+    UnavailableError,
+)
+from meg.services.admission import WorkerPool
+from meg.services.background import start_policy
+from meg.services.convert import (
+    channel_from_link_config,
+    link_config_from_channel,
+    make_plan,
+    split_from_proto,
+    split_to_proto,
+)
+from meg.services.limits import ServiceLimits, validate_plan, validate_request
+from meg.services.policy_server import PolicyServerConfig
+from meg.services.rule_policy import RuleBasedPolicy, RulePolicyConfig
+from meg.services.security import TlsConfig, channel_credentials, resolve_token, token_metadata
+from meg.services.status import error_from_rpc, error_message, error_proto, grpc_code_for
+from meg.split.points import SplitPoint
+from meg.v1 import generation_pb2 as gen_pb
+from meg.v1 import policy_service_pb2 as policy_pb
+from meg.v1 import policy_service_pb2_grpc as policy_grpc
+
+# -- status mapping -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "proto_code"),
+    [
+        (CorruptPayloadError("crc32c mismatch"), grpc.StatusCode.DATA_LOSS, gen_pb.ERROR_CODE_DATA_LOSS),
+        (CodecError("unknown stage 'gzip'"), grpc.StatusCode.INVALID_ARGUMENT, gen_pb.ERROR_CODE_INVALID_ARGUMENT),
+        (FramingError("gap"), grpc.StatusCode.INVALID_ARGUMENT, gen_pb.ERROR_CODE_INVALID_ARGUMENT),
+        (SplitError("step:9"), grpc.StatusCode.INVALID_ARGUMENT, gen_pb.ERROR_CODE_INVALID_ARGUMENT),
+        (ResourceExhaustedError("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED, gen_pb.ERROR_CODE_RESOURCE_EXHAUSTED),
+        (DeadlineExceededError("late"), grpc.StatusCode.DEADLINE_EXCEEDED, gen_pb.ERROR_CODE_DEADLINE_EXCEEDED),
+        (UnavailableError("gone"), grpc.StatusCode.UNAVAILABLE, gen_pb.ERROR_CODE_UNAVAILABLE),
+        (ChannelError("lost"), grpc.StatusCode.UNAVAILABLE, gen_pb.ERROR_CODE_UNAVAILABLE),
+        (AuthenticationError("token"), grpc.StatusCode.UNAUTHENTICATED, gen_pb.ERROR_CODE_UNAUTHENTICATED),
+        (ModelNotFoundError("sd-9"), grpc.StatusCode.NOT_FOUND, gen_pb.ERROR_CODE_NOT_FOUND),
+        (RuntimeError("bug"), grpc.StatusCode.INTERNAL, gen_pb.ERROR_CODE_INTERNAL),
+    ],
+)
+def test_each_error_maps_to_one_status(exc: Exception, code: grpc.StatusCode, proto_code: int) -> None:
+    assert grpc_code_for(exc) == code
+    assert error_proto(exc).code == proto_code
+
+
+def test_error_message_names_field_and_hides_internals() -> None:
+    exc = InvalidInputError("width = 60 is not a multiple of 8", field="width")
+    assert error_message(exc) == "width: width = 60 is not a multiple of 8"
+    assert error_proto(exc).field == "width"
+    assert "secret" not in error_message(RuntimeError("secret path /etc/x"))
+
+
+class _FakeRpcError(grpc.RpcError):
+    """Stands in for a failed call: the point is the translation, not the transport."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()) -> None:
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
+
+
+def test_error_from_rpc_round_trips_code_and_field() -> None:
+    err = error_from_rpc(_FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "prompt: prompt is empty", (("meg-field", "prompt"),)))
+    assert isinstance(err, InvalidInputError) and err.field == "prompt" and "prompt is empty" in err.message
+    assert isinstance(error_from_rpc(_FakeRpcError(grpc.StatusCode.CANCELLED, "x")), UnavailableError)
+    assert isinstance(error_from_rpc(_FakeRpcError(grpc.StatusCode.DATA_LOSS, "crc")), CorruptPayloadError)
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+def _request(**fields: object) -> gen_pb.GenerationRequest:
+    request = gen_pb.GenerationRequest(prompt="a red cube", width=64, height=64)
+    for key, value in fields.items():
+        setattr(request, key, value)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({"negative_prompt": "x" * 2001}, "negative_prompt"),
+        ({"width": 60}, "width"),
+        ({"height": 68}, "height"),
+        ({"width": 4096}, "width"),
+        ({"width": 2048, "height": 2048}, "width"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"request_id": "bad id with spaces"}, "request_id"),
+        ({"recipe": gen_pb.RECIPE_HYBRID_SR}, "recipe"),
+    ],
+)
+def test_request_limits_name_the_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        validate_request(_request(**fields), ServiceLimits())
+    assert info.value.field == field
+    assert field.split(".")[-1] in str(info.value)
+
+
+def test_channel_and_plan_limits_name_the_field() -> None:
+    request = _request()
+    request.channel.snr_db = float("inf")
+    with pytest.raises(InvalidInputError, match="channel.snr_db") as info:
+        validate_request(request, ServiceLimits())
+    assert info.value.field == "channel.snr_db"
+    for plan, field in [
+        (make_plan("decoder", steps=0), "plan.steps"),
+        (make_plan("decoder", steps=101), "plan.steps"),
+        (make_plan("decoder", steps=2, merge_ratio=0.9), "plan.merge_ratio"),
+        (make_plan("decoder", steps=2, tome_ratio=-0.1), "plan.tome_ratio"),
+        (make_plan("step:3", steps=2), "plan.split.index"),
+    ]:
+        with pytest.raises(InvalidInputError) as info:
+            validate_plan(plan, ServiceLimits())
+        assert info.value.field == field
+    validate_plan(make_plan("step:1", steps=2), ServiceLimits())
+    validate_request(_request(width=0, height=0), ServiceLimits())  # 0: the edge's default
+
+
+# -- conversions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["device", "step:3", "decoder", "image", "unet:2"])
+def test_split_round_trips_through_proto(text: str) -> None:
+    point = SplitPoint.parse(text)
+    assert split_from_proto(split_to_proto(point)) == point
+
+
+def test_unknown_split_kind_is_named() -> None:
+    with pytest.raises(SplitError, match="99") as info:
+        split_from_proto(gen_pb.SplitPoint(kind=99))
+    assert info.value.field == "plan.split.kind"
+
+
+def test_link_config_round_trips_and_zero_means_default() -> None:
+    link = LinkConfig(mode="digital", snr_db=-4.4, bandwidth_hz=1e6, fading="rayleigh", rate_bps=1e7)
+    assert link_config_from_channel(channel_from_link_config(link, distance_m=300.0)) == link
+    defaults = link_config_from_channel(gen_pb.ChannelState(snr_db=0.0))
+    assert defaults.snr_db == 0.0 and defaults.bandwidth_hz == LinkConfig().bandwidth_hz
+    with pytest.raises(InvalidInputError) as info:
+        link_config_from_channel(gen_pb.ChannelState(mode=42))
+    assert info.value.field == "channel.mode"
+
+
+# -- admission ------------------------------------------------------------------------------
+
+
+def test_pool_refuses_beyond_capacity_and_frees_places() -> None:
+    async def scenario() -> list[int]:
+        pool = WorkerPool(workers=1, queue_size=1)
+        first, second = pool.admit(), pool.admit()
+        with pytest.raises(ResourceExhaustedError, match="queue_size = 1"):
+            pool.admit()
+        result = await pool.run(first, lambda: 41 + 1)
+        first.release()
+        first.release()  # idempotent
+        third = pool.admit()
+        second.release()
+        third.release()
+        pool.shutdown()
+        return [result, pool.in_system]
+
+    assert asyncio.run(scenario()) == [42, 0]
+
+
+def test_cancelled_work_keeps_its_place_until_the_thread_returns() -> None:
+    import threading
+
+    async def scenario() -> tuple[int, int]:
+        pool = WorkerPool(workers=1, queue_size=0)
+        release = threading.Event()
+        slot = pool.admit()
+        task = asyncio.ensure_future(pool.run(slot, release.wait))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        slot.release()
+        during = pool.in_system  # the thread still runs: the place is held
+        release.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if pool.in_system == 0:
+                break
+        pool.shutdown()
+        return during, pool.in_system
+
+    assert asyncio.run(scenario()) == (1, 0)
+
+
+# -- rule-based policy ----------------------------------------------------------------------
+
+
+def test_rule_policy_merges_more_on_worse_links_and_cuts_steps_when_tight() -> None:
+    policy, config = RuleBasedPolicy(), RulePolicyConfig()
+    good = policy.decide(policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=20.0)))
+    fair = policy.decide(policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=2.2)))
+    poor = policy.decide(policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=-4.4)))
+    tight = policy.decide(policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=20.0), limits=gen_pb.Limits(latency_s=0.5)))
+    assert good.merge_ratio < fair.merge_ratio < poor.merge_ratio
+    assert good.steps == config.steps and tight.steps == config.min_steps
+    for plan in (good, fair, poor, tight):
+        validate_plan(plan, ServiceLimits())
+        assert plan.split.kind == gen_pb.SPLIT_KIND_DECODER and plan.policy == "rule-based"
+
+
+# -- policy service over sockets: auth, TLS, mTLS, health, metrics ---------------------------
+
+
+def _decide(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> policy_pb.DecideResponse:
+    stub = policy_grpc.PolicyServiceStub(channel)
+    observation = policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=-4.4))
+    return stub.Decide(policy_pb.DecideRequest(observation=observation), timeout=5, metadata=metadata)
+
+
+def test_bearer_token_is_required_and_health_stays_open() -> None:
+    with start_policy(PolicyServerConfig(port=0, token="s3cret", metrics_port=0)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        for metadata in ((), token_metadata("wrong"), (("authorization", "s3cret"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                _decide(channel, metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "bearer token" in info.value.details()
+        response = _decide(channel, token_metadata("s3cret"))
+        assert response.plan.merge_ratio == RulePolicyConfig().poor_merge_ratio
+        assert response.decision_latency_s >= 0
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="meg.v1.PolicyService"), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
+        assert 'meg_requests_total{service="policy"} 1.0' in metrics
+
+
+def test_token_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEG_AUTH_TOKEN", "from-env")
+    assert resolve_token(None) == "from-env"
+    assert resolve_token("flag") == "flag"
+    with pytest.raises(InvalidInputError):
+        resolve_token("has space")
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None, issuer_key: ec.EllipticCurvePrivateKey,
+          *, ca: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate | None = None, key: ec.EllipticCurvePrivateKey | None = None) -> Path:
+    if cert is not None:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    else:
+        assert key is not None
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    folder = tmp_path_factory.mktemp("certs")
+    ca_key = _key()
+    ca = _cert("meg-test-ca", ca_key, None, ca_key, ca=True)
+    server_key, client_key = _key(), _key()
+    return {
+        "ca": _write(folder / "ca.pem", ca),
+        "server_cert": _write(folder / "server.pem", _cert("localhost", server_key, ca, ca_key)),
+        "server_key": _write(folder / "server.key", key=server_key),
+        "client_cert": _write(folder / "client.pem", _cert("device", client_key, ca, ca_key)),
+        "client_key": _write(folder / "client.key", key=client_key),
+    }
+
+
+def test_tls_and_mutual_tls(certs: dict[str, Path]) -> None:
+    server_tls = TlsConfig(cert_file=certs["server_cert"], key_file=certs["server_key"])
+    mutual_tls = TlsConfig(cert_file=certs["server_cert"], key_file=certs["server_key"], ca_file=certs["ca"])
+    trust_only = channel_credentials(TlsConfig(ca_file=certs["ca"]))
+    with_cert = channel_credentials(TlsConfig(ca_file=certs["ca"], cert_file=certs["client_cert"], key_file=certs["client_key"]))
+
+    with start_policy(PolicyServerConfig(port=0, tls=server_tls)) as server:
+        with grpc.secure_channel(server.address, trust_only) as channel:
+            assert _decide(channel).plan.steps > 0
+        with grpc.insecure_channel(server.address) as plaintext, pytest.raises(grpc.RpcError) as info:
+            _decide(plaintext)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    with start_policy(PolicyServerConfig(port=0, tls=mutual_tls)) as server:
+        with grpc.secure_channel(server.address, trust_only) as channel, pytest.raises(grpc.RpcError) as info:
+            _decide(channel)  # no client certificate: the handshake fails
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.secure_channel(server.address, with_cert) as channel:
+            assert _decide(channel).plan.steps > 0
+
+
+def test_unreadable_certificate_file_is_named(tmp_path: Path) -> None:
+    from meg.services.security import server_credentials
+
+    with pytest.raises(InvalidInputError, match="missing.pem") as info:
+        server_credentials(TlsConfig(cert_file=tmp_path / "missing.pem", key_file=tmp_path / "missing.key"))
+    assert info.value.field == "tls.cert_file"
+
+
+def test_report_dict_is_json_ready() -> None:
+    from meg.services.convert import channel_to_dict, plan_to_dict
+
+    plan = plan_to_dict(make_plan("step:1", steps=2, codec_chain="fp16,zstd:3"))
+    channel = channel_to_dict(channel_from_link_config(LinkConfig(mode="analog", snr_db=2.2)))
+    assert json.loads(json.dumps({"plan": plan, "channel": channel}))["plan"]["split"] == "step:1"
+    assert channel["mode"] == "analog"
