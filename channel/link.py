@@ -6,10 +6,18 @@
 - ``digital`` (``send_packets``): each packet (payload + ``packet_overhead_bytes``) is sent
   at the link rate; it is lost with the packet error rate (PER) that the instantaneous SNR
   implies and retransmitted (stop-and-wait ARQ) up to ``max_retries`` times; every attempt
-  costs airtime. The rate is ``rate_bps`` when set, else the Shannon rate ``B log2(1 + γ̄)``
-  of the mean SNR with the PER of uncoded ``modulation`` (``PER = 1 − (1 − BER)^bits``),
-  or, with ``rate_model="mcs"``, the fastest mode of the coded MCS table (``meg.channel.mcs``)
-  that keeps the PER at the mean SNR below ``target_per``, with that mode's PER.
+  costs airtime. ``rate_model`` sets rate and PER together:
+
+  * ``shannon``: rate ``B log2(1 + γ̄)`` of the mean SNR with an ideal (capacity-achieving)
+    code: a packet is lost exactly when the channel is in outage, ``B log2(1 + γ|h|^2) <
+    rate``. Over AWGN nothing is lost; over Rayleigh the loss probability is the outage
+    probability ``1 − exp(−(2^R − 1)/γ̄)``.
+  * ``uncoded``: ``modulation`` without coding at ``B log2 M`` bit/s;
+    ``PER = 1 − (1 − BER(γ))^bits`` from the modem's exact BER and the packet length.
+  * ``mcs``: the fastest mode of the coded MCS table (``meg.channel.mcs``) whose PER at
+    the mean SNR stays below ``target_per``, with that mode's rate and PER.
+
+  ``rate_bps > 0`` overrides the rate (the PER model stays that of ``rate_model``).
 - ``analog`` (``send_analog``): feature values are power-normalised, paired into complex
   symbols (two reals per symbol, one symbol per second per hertz), sent through fading and
   AWGN at the mean SNR, equalised with the known gain and de-normalised: the received
@@ -55,7 +63,7 @@ __all__ = [
 ]
 
 LinkMode = Literal["ideal", "digital", "analog"]
-RateModel = Literal["shannon", "mcs"]
+RateModel = Literal["shannon", "uncoded", "mcs"]
 OnLoss = Literal["raise", "report"]
 
 
@@ -83,7 +91,7 @@ class LinkConfig:
     rate_bps: float = 0.0
     """Fixed link rate (bit/s); 0 derives it from ``rate_model``."""
     modulation: Modulation = "qpsk"
-    """Uncoded modem whose BER gives the PER when ``rate_model == "shannon"``."""
+    """Modem of the ``uncoded`` rate model (its BER gives the PER, ``log2 M`` bits per symbol)."""
     packet_overhead_bytes: int = 40
     """Header bytes added to every packet (and to every retransmission)."""
     max_retries: int = 8
@@ -91,7 +99,7 @@ class LinkConfig:
     realtime: bool = False
     """Sleep for the airtime instead of only accounting it."""
     rate_model: RateModel = "shannon"
-    """Rate when ``rate_bps == 0``: ``shannon`` (B log2(1+γ̄), uncoded PER) or ``mcs`` (coded MCS table)."""
+    """Rate and PER: ``shannon`` (ideal code, loss = outage), ``uncoded`` (modem BER) or ``mcs`` (coded table)."""
     target_per: float = 0.1
     """Largest PER at the mean SNR the MCS selection accepts."""
     fading_correlation: float = 0.0
@@ -107,7 +115,7 @@ class LinkConfig:
         _require(self.mode in get_args(LinkMode), f"unknown link mode {self.mode!r}; expected ideal, digital or analog", "mode")
         _require(self.fading in get_args(Fading), f"unknown fading {self.fading!r}; expected awgn, rayleigh or rician", "fading")
         _require(self.modulation in BITS_PER_SYMBOL, f"unknown modulation {self.modulation!r}; expected bpsk, qpsk, 16qam or 64qam", "modulation")
-        _require(self.rate_model in get_args(RateModel), f"unknown rate_model {self.rate_model!r}; expected shannon or mcs", "rate_model")
+        _require(self.rate_model in get_args(RateModel), f"unknown rate_model {self.rate_model!r}; expected shannon, uncoded or mcs", "rate_model")
         _require(self.equalizer in get_args(Equalizer), f"unknown equalizer {self.equalizer!r}; expected zf or mmse", "equalizer")
         _require(self.on_loss in get_args(OnLoss), f"unknown on_loss {self.on_loss!r}; expected raise or report", "on_loss")
         _require(math.isfinite(self.snr_db), f"snr_db must be finite, got {self.snr_db!r}", "snr_db")
@@ -212,24 +220,31 @@ class LinkEmulator:
         return select_mcs(self.config.snr_db, target_per=self.config.target_per, packet_bits=packet_bits)
 
     def rate_bps(self, packet_bits: int | None = None) -> float:
-        """Link rate (bit/s): ``rate_bps``, the Shannon rate of the mean SNR, or the MCS rate."""
+        """Link rate (bit/s): ``rate_bps`` if set, else that of ``rate_model`` at the mean SNR."""
         config = self.config
         if config.rate_bps > 0:
             return config.rate_bps
         if config.rate_model == "mcs":
             return self.mcs(packet_bits or 8 * (1500 + config.packet_overhead_bytes)).rate_bps(config.bandwidth_hz)
+        if config.rate_model == "uncoded":
+            return BITS_PER_SYMBOL[config.modulation] * config.bandwidth_hz
         return shannon_rate_bps(config.snr_db, config.bandwidth_hz)
 
     def packet_error_rate(self, snr_db: float, packet_bits: int) -> float:
         """PER of one ``packet_bits`` packet at instantaneous SNR ``snr_db`` (per symbol, dB)."""
         config = self.config
-        if config.rate_model == "mcs" and config.rate_bps == 0:
-            return self.mcs(packet_bits).packet_error_rate(snr_db, packet_bits)
-        if not math.isfinite(snr_db):  # a gain of exactly 0: nothing gets through
+        if not snr_db > -math.inf:  # a gain of exactly 0: nothing gets through
             return 1.0
-        bits_per_symbol = BITS_PER_SYMBOL[config.modulation]
-        ber = float(ber_theory(config.modulation, snr_db - 10.0 * math.log10(bits_per_symbol)))
-        return -math.expm1(packet_bits * math.log1p(-min(ber, 0.5)))
+        if config.rate_model == "mcs":
+            return self.mcs(packet_bits).packet_error_rate(snr_db, packet_bits)
+        if config.rate_model == "uncoded":
+            bits_per_symbol = BITS_PER_SYMBOL[config.modulation]
+            ber = float(ber_theory(config.modulation, snr_db - 10.0 * math.log10(bits_per_symbol)))
+            return -math.expm1(packet_bits * math.log1p(-min(ber, 0.5)))
+        # ideal code: decodable exactly when the instantaneous capacity carries the rate (the
+        # tolerance keeps a rate set at exactly the capacity of the mean SNR decodable over AWGN)
+        capacity_bps = config.bandwidth_hz * math.log2(1.0 + 10.0 ** (snr_db / 10.0))
+        return 0.0 if capacity_bps >= self.rate_bps(packet_bits) * (1.0 - 1e-12) else 1.0
 
     def send_packets(self, sizes_bytes: Sequence[int]) -> DigitalReport:
         """Send packets of ``sizes_bytes`` payload bytes each (e.g. the wire chunks).

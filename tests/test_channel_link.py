@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from meg.channel.capacity import shannon_rate_bps
+from meg.channel.capacity import rayleigh_outage_probability, shannon_rate_bps
 from meg.channel.link import LinkConfig, LinkEmulator, config_from_channel_state
 from meg.channel.mcs import MCS_TABLE, select_mcs
 from meg.channel.theory import ber_theory
@@ -42,7 +42,7 @@ def test_digital_airtime_counts_overhead_and_energy_is_power_times_airtime() -> 
 
 def test_retransmissions_follow_the_packet_error_rate() -> None:
     # QPSK at Es/N0 = 9 dB (Eb/N0 = 6 dB) and 320-bit packets: PER ≈ 0.53
-    link = _link(7, mode="digital", snr_db=9.0, packet_overhead_bytes=4, max_retries=60)
+    link = _link(7, mode="digital", snr_db=9.0, rate_model="uncoded", packet_overhead_bytes=4, max_retries=60)
     per = link.packet_error_rate(9.0, 320)
     ber = float(ber_theory("qpsk", 9.0 - 10 * math.log10(2)))
     assert per == pytest.approx(1 - (1 - ber) ** 320)
@@ -52,17 +52,31 @@ def test_retransmissions_follow_the_packet_error_rate() -> None:
     # failures before success are geometric: mean p/(1−p), variance p/(1−p)^2
     mean, sd = per / (1 - per), math.sqrt(per) / (1 - per)
     assert abs(report.retransmissions / packets - mean) < 5 * sd / math.sqrt(packets)
-    rate = shannon_rate_bps(9.0, 1e6)
-    assert report.airtime_s == pytest.approx((packets + report.retransmissions) * 320 / rate)
+    assert link.rate_bps() == 2e6  # uncoded QPSK: 2 bits per symbol, B symbols/s
+    assert report.airtime_s == pytest.approx((packets + report.retransmissions) * 320 / 2e6)
+
+
+def test_shannon_rate_loses_packets_exactly_in_outage() -> None:
+    awgn = _link(mode="digital", snr_db=-3.0, max_retries=0).send_packets([1500] * 50)
+    assert awgn.retransmissions == 0 and awgn.delivered
+    link = _link(11, mode="digital", snr_db=10.0, fading="rayleigh", max_retries=80)
+    packets = 2000
+    report = link.send_packets([100] * packets)
+    # rate = capacity of the mean SNR: P(outage) = 1 − exp(−(2^R − 1)/γ̄) = 1 − e^{−1}
+    p = float(rayleigh_outage_probability(math.log2(1 + 10.0), 10.0))
+    assert p == pytest.approx(1 - math.exp(-1))
+    mean, sd = p / (1 - p), math.sqrt(p) / (1 - p)
+    assert abs(report.retransmissions / packets - mean) < 5 * sd / math.sqrt(packets)
 
 
 def test_exhausted_retries_raise_or_report() -> None:
     with pytest.raises(ChannelError, match="packet 0 .*3 attempts") as info:
-        _link(mode="digital", snr_db=-5.0, max_retries=2).send_packets([1500, 1500])
+        _link(mode="digital", snr_db=-5.0, rate_model="uncoded", max_retries=2).send_packets([1500, 1500])
     assert info.value.field == "snr_db"
-    report = _link(mode="digital", snr_db=-5.0, max_retries=2, on_loss="report").send_packets([1500, 1500])
+    fields = {"mode": "digital", "snr_db": -5.0, "rate_model": "uncoded", "max_retries": 2, "on_loss": "report"}
+    report = _link(**fields).send_packets([1500, 1500])
     assert not report.delivered and report.retransmissions == 2
-    assert report.airtime_s == pytest.approx(3 * 8 * 1540 / shannon_rate_bps(-5.0, 1e6))
+    assert report.airtime_s == pytest.approx(3 * 8 * 1540 / 2e6)
 
 
 def test_mcs_rate_model() -> None:
