@@ -1,0 +1,498 @@
+"""The split engine: one text-to-image generation cut into an edge and a device partition.
+
+The stage sequence is text-encode → denoising steps 1…N → decode; a `SplitPoint` cuts it
+(see `meg.split.points`). `SplitEngine.run_edge` runs the edge partition and returns the
+tensors that cross the cut; `SplitEngine.run_device` takes them (after any codec and
+channel) and finishes the image; `SplitEngine.run_full` is the unsplit reference. All
+three run the same denoising loop, written out here in the style of diffusers'
+``StableDiffusionPipeline.__call__``:
+
+1. encode the prompt (and, with classifier-free guidance, the negative prompt):
+   ``prompt_embeds`` [2B, L, E], unconditional rows first;
+2. draw the initial latent from ``torch.Generator().manual_seed(seed)``, scaled by the
+   scheduler's ``init_noise_sigma``;
+3. for each timestep: duplicate the latent for guidance, ``scale_model_input``, UNet,
+   ``uncond + g·(cond − uncond)``, ``scheduler.step``;
+4. decode: ``latents / scaling_factor`` → VAE decoder → ``(x/2 + 0.5).clamp(0, 1)``.
+
+Each request uses its own copy of the scheduler, so requests never share scheduler
+state. A device that continues at step K+1 makes a fresh copy and, for schedulers that
+count steps (Euler), calls ``set_begin_index(K)``; DDIM's step is stateless. Stochastic
+schedulers get a per-step generator derived from (seed, step index), so the noise of step
+i does not depend on which side ran steps before it. Multistep schedulers (DPM-Solver++)
+keep a history of model outputs that does not cross the cut; `step:K` refuses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from meg.errors import DeadlineExceededError, InvalidInputError, SplitError
+from meg.split.points import SplitPoint
+from meg.split.tome import ToMeAdapter, unet_lock
+from meg.split.unet_stages import (
+    UNetState,
+    crossing_specs_for_config,
+    state_from_tensors,
+    state_tensors,
+    unet_begin,
+    unet_block_names,
+    unet_end,
+    unet_run_blocks,
+)
+
+if TYPE_CHECKING:
+    from meg.codecs.merge import MergedLatent
+    from meg.split.runtime import DeviceRuntime
+
+__all__ = ["GenerationInputs", "PartitionFlops", "SplitEngine", "TensorSpec"]
+
+ProgressFn = Callable[[str, int, int], None]
+StopFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class GenerationInputs:
+    """One text-to-image request (the defaults suit `tiny-random`)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    height: int = 64
+    width: int = 64
+    steps: int = 4
+    guidance_scale: float = 2.5
+    """Classifier-free guidance weight; guidance (batch 2B) is on when > 1."""
+
+    @property
+    def do_cfg(self) -> bool:
+        """Whether classifier-free guidance doubles the UNet batch."""
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one tensor that crosses the cut."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes_fp16(self) -> int:
+        """Raw size in bytes when sent as fp16 (2 bytes per element)."""
+        return 2 * self.numel
+
+
+@dataclass(frozen=True)
+class PartitionFlops:
+    """FLOPs (``torch.utils.flop_counter``: matmul, conv, attention) of each partition.
+
+    ``*_flops`` are per image (the whole partition); ``*_flops_per_step`` are one
+    denoising step on that side (UNet batch 2B with guidance), 0 when the side runs no
+    full step; for ``unet:B`` the edge's value is its part of step 1.
+    """
+
+    edge_flops: float
+    device_flops: float
+    edge_flops_per_step: float
+    device_flops_per_step: float
+
+
+class SplitEngine:
+    """Runs a Stable-Diffusion-style pipeline split at any `SplitPoint`.
+
+    Args:
+        pipeline: a diffusers pipeline with ``unet``, ``vae``, ``text_encoder``,
+            ``tokenizer`` and ``scheduler`` (SD 1.x/2.x layout, e.g. from `load_pipeline`).
+        device_unet: the UNet the device uses for its steps (default: the pipeline's).
+        device_vae: the VAE the device decodes with (default: the pipeline's).
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        device_unet: torch.nn.Module | None = None,
+        device_vae: torch.nn.Module | None = None,
+    ) -> None:
+        if getattr(pipeline, "text_encoder_2", None) is not None or pipeline.unet.config.addition_embed_type:
+            raise SplitError(
+                f"{type(pipeline).__name__} needs added conditioning (SDXL layout); "
+                "the split engine supports SD 1.x/2.x-style pipelines"
+            )
+        self.pipeline = pipeline
+        self.unet = pipeline.unet
+        self.vae = pipeline.vae
+        self.text_encoder = pipeline.text_encoder
+        self.tokenizer = pipeline.tokenizer
+        self.scheduler = pipeline.scheduler
+        self.device_unet = device_unet if device_unet is not None else pipeline.unet
+        self.device_vae = device_vae if device_vae is not None else pipeline.vae
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.tome = ToMeAdapter(self.unet)
+        # Fast (Rust) tokenizers refuse concurrent use from several threads.
+        self._tokenizer_lock = threading.Lock()
+        self._multistep = hasattr(self.scheduler, "model_outputs") or getattr(self.scheduler, "order", 1) != 1
+
+    # ------------------------------------------------------------------ description
+    @property
+    def unet_blocks(self) -> list[str]:
+        """Cuttable UNet blocks; ``unet:B`` cuts before block B."""
+        return unet_block_names(self.unet)
+
+    def split_points(self, steps: int) -> list[SplitPoint]:
+        """Every split point this pipeline has for ``steps`` denoising steps."""
+        points = [SplitPoint("device")]
+        points += [SplitPoint("step", k) for k in range(1, steps)]
+        points += [SplitPoint("decoder"), SplitPoint("image")]
+        points += [SplitPoint("unet", b) for b in range(1, len(self.unet_blocks))]
+        return points
+
+    def check(self, inputs: GenerationInputs, split: SplitPoint) -> None:
+        """Raise `InvalidInputError`/`SplitError` naming the bad value."""
+        if not isinstance(inputs.prompt, str):
+            raise InvalidInputError(f"prompt must be a string, got {type(inputs.prompt).__name__}", field="prompt")
+        if inputs.steps < 1:
+            raise InvalidInputError(f"steps {inputs.steps} must be >= 1", field="steps")
+        for name in ("height", "width"):
+            value = getattr(inputs, name)
+            if value <= 0 or value % self.vae_scale_factor:
+                raise InvalidInputError(
+                    f"{name} {value} must be a positive multiple of {self.vae_scale_factor}", field=name
+                )
+        if inputs.guidance_scale < 0:
+            raise InvalidInputError(f"guidance_scale {inputs.guidance_scale} must be >= 0", field="guidance_scale")
+        split.validate(steps=inputs.steps, unet_blocks=len(self.unet_blocks))
+        if split.kind == "step" and self._multistep:
+            raise SplitError(
+                f"split {split} needs a single-step scheduler; {type(self.scheduler).__name__} "
+                "keeps a history of model outputs",
+                field="split",
+            )
+
+    def latent_shape(self, inputs: GenerationInputs) -> tuple[int, int, int, int]:
+        """(B, C, h, w) of the latent, B = 1."""
+        f = self.vae_scale_factor
+        return (1, self.unet.config.in_channels, inputs.height // f, inputs.width // f)
+
+    def crossing(self, split: SplitPoint, inputs: GenerationInputs) -> list[TensorSpec]:
+        """The tensors that cross ``split`` for ``inputs``, in the order `run_edge` returns them.
+
+        ``device`` crosses nothing; ``decoder`` the latent; ``step:K`` the latent and the text
+        embeddings; ``image`` the image; ``unet:B`` the step's input latent, the text
+        embeddings, the hidden state, the time embedding and every pending skip tensor.
+        """
+        self.check(inputs, split)
+        latent = TensorSpec("latents", self.latent_shape(inputs), self.unet.dtype)
+        batch = 2 if inputs.do_cfg else 1
+        text = TensorSpec(
+            "prompt_embeds",
+            (batch, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size),
+            self.text_encoder.dtype,
+        )
+        if split.kind == "device":
+            return []
+        if split.kind == "decoder":
+            return [latent]
+        if split.kind == "step":
+            return [latent, text]
+        if split.kind == "image":
+            return [TensorSpec("image", (1, 3, inputs.height, inputs.width), torch.float32)]
+        state = _state_specs(
+            _freeze(self.unet.config), latent.shape[-2:], split.index, batch, text.shape[1]
+        )
+        return [latent, text] + [TensorSpec(n, shape, self.unet.dtype) for n, (shape, _) in state.items()]
+
+    # ------------------------------------------------------------------ stages
+    def encode_prompt(self, inputs: GenerationInputs) -> torch.Tensor:
+        """[2B, L, E] (uncond then cond) with guidance, else [B, L, E]."""
+        prompts = [inputs.negative_prompt, inputs.prompt] if inputs.do_cfg else [inputs.prompt]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+        with torch.no_grad():
+            return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    def new_scheduler(self, inputs: GenerationInputs, *, begin_step: int = 0) -> Any:
+        """A private scheduler copy with timesteps set, positioned at ``begin_step``."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(inputs.steps, device=self.unet.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin_step * scheduler.order)
+        return scheduler
+
+    def initial_latents(self, inputs: GenerationInputs, scheduler: Any) -> torch.Tensor:
+        """x_T ~ N(0, σ_init²) drawn on CPU from the request seed: [1, C, h, w]."""
+        generator = torch.Generator("cpu").manual_seed(inputs.seed)
+        noise = torch.randn(self.latent_shape(inputs), generator=generator, dtype=torch.float32)
+        return (noise * scheduler.init_noise_sigma).to(self.unet.device, self.unet.dtype)
+
+    def _model_input(self, scheduler: Any, latents: torch.Tensor, t: torch.Tensor, inputs: GenerationInputs) -> torch.Tensor:
+        x = torch.cat([latents] * 2) if inputs.do_cfg else latents
+        return scheduler.scale_model_input(x, t)
+
+    @staticmethod
+    def _guide(noise_pred: torch.Tensor, inputs: GenerationInputs) -> torch.Tensor:
+        if not inputs.do_cfg:
+            return noise_pred
+        uncond, cond = noise_pred.chunk(2)
+        return uncond + inputs.guidance_scale * (cond - uncond)
+
+    def _scheduler_step(
+        self, scheduler: Any, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, i: int, inputs: GenerationInputs
+    ) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"return_dict": False}
+        if _accepts_generator(type(scheduler)):
+            # Derived from (seed, step) so either side draws the same noise for step i.
+            kwargs["generator"] = torch.Generator("cpu").manual_seed((inputs.seed * 1_000_003 + i + 1) % 2**63)
+        return scheduler.step(noise_pred, t, latents, **kwargs)[0]
+
+    def _unet_call(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        # Positional: tomesd's size hook reads args[0].
+        return unet(x, t, embeds, return_dict=False)[0]
+
+    def decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] UNet-space latent → [B, 3, H, W] float32 image in [0, 1]."""
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            z = z + shift
+        image = vae.decode(z, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1).float()
+
+    # ------------------------------------------------------------------ reference
+    def run_full(self, inputs: GenerationInputs) -> torch.Tensor:
+        """The unsplit generation with the pipeline's own UNet and VAE: [1, 3, H, W] in [0, 1]."""
+        self.check(inputs, SplitPoint("device"))
+        with torch.no_grad():
+            embeds = self.encode_prompt(inputs)
+            scheduler = self.new_scheduler(inputs)
+            latents = self.initial_latents(inputs, scheduler)
+            with unet_lock(self.unet):
+                for i, t in enumerate(scheduler.timesteps):
+                    x = self._model_input(scheduler, latents, t, inputs)
+                    noise = self._guide(self._unet_call(self.unet, x, t, embeds), inputs)
+                    latents = self._scheduler_step(scheduler, noise, t, latents, i, inputs)
+            return self.decode(self.vae, latents)
+
+    # ------------------------------------------------------------------ edge
+    def run_edge(
+        self,
+        inputs: GenerationInputs,
+        split: SplitPoint,
+        *,
+        tome_ratio: float = 0.0,
+        on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run the edge partition; return the crossing tensors by name (see `crossing`).
+
+        Args:
+            tome_ratio: ToMe merge ratio for the edge UNet, 0 ≤ ratio < 0.75.
+            on_progress: called as ``(stage, done, total)`` with stage ``"text_encode"``,
+                ``"denoise"``, ``"unet_blocks"`` or ``"decode"``.
+            should_stop: polled before every step; when it returns True the work stops
+                with `DeadlineExceededError`.
+
+        Raises:
+            DeadlineExceededError: ``should_stop()`` turned True.
+        """
+        self.check(inputs, split)
+        self.tome.check_ratio(tome_ratio)
+        progress = on_progress or (lambda stage, done, total: None)
+
+        def stop_point(where: str) -> None:
+            if should_stop is not None and should_stop():
+                raise DeadlineExceededError(f"edge work for split {split} stopped {where}")
+
+        if split.kind == "device":
+            return {}
+        with torch.no_grad():
+            stop_point("before text encoding")
+            embeds = self.encode_prompt(inputs)
+            progress("text_encode", 1, 1)
+            scheduler = self.new_scheduler(inputs)
+            latents = self.initial_latents(inputs, scheduler)
+            latent_hw = tuple(latents.shape[-2:])
+            tome_generator = torch.Generator("cpu").manual_seed(inputs.seed)
+            if split.kind == "unet":
+                stop_point("before step 1")
+                t = scheduler.timesteps[0]
+                x = self._model_input(scheduler, latents, t, inputs)
+                with self.tome.applied(tome_ratio, generator=tome_generator, latent_hw=latent_hw):
+                    state = unet_begin(self.unet, x, t, embeds)
+                    state = unet_run_blocks(self.unet, state, embeds, 0, split.index)
+                progress("unet_blocks", split.index, len(self.unet_blocks))
+                return {"latents": latents, "prompt_embeds": embeds, **state_tensors(state)}
+            edge_steps = split.index if split.kind == "step" else inputs.steps
+            for i, t in enumerate(scheduler.timesteps[:edge_steps]):
+                stop_point(f"before step {i + 1} of {inputs.steps}")
+                x = self._model_input(scheduler, latents, t, inputs)
+                with self.tome.applied(tome_ratio, generator=tome_generator, latent_hw=latent_hw):
+                    noise = self._unet_call(self.unet, x, t, embeds)
+                latents = self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, i, inputs)
+                progress("denoise", i + 1, edge_steps)
+            if split.kind == "step":
+                return {"latents": latents, "prompt_embeds": embeds}
+            if split.kind == "decoder":
+                return {"latents": latents}
+            stop_point("before decoding")
+            image = self.decode(self.vae, latents)
+            progress("decode", 1, 1)
+            return {"image": image}
+
+    # ------------------------------------------------------------------ device
+    def run_device(
+        self,
+        crossing: Mapping[str, torch.Tensor | MergedLatent],
+        inputs: GenerationInputs,
+        split: SplitPoint,
+        *,
+        runtime: DeviceRuntime | None = None,
+    ) -> torch.Tensor:
+        """Finish the image from the crossing tensors: [1, 3, H, W] float32 in [0, 1].
+
+        ``crossing["latents"]`` may be a `MergedLatent` (decoder split); it is unmerged
+        (by the runtime when one is given). With a ``runtime``, full UNet steps and the
+        decoder run in it; the rest of a step cut at ``unet:B`` runs in torch on
+        ``device_unet``. Without one, everything runs in torch on ``device_unet`` /
+        ``device_vae``.
+
+        Raises:
+            InvalidInputError: a crossing tensor is missing or has the wrong shape.
+        """
+        self.check(inputs, split)
+        tensors = self._checked_crossing(crossing, inputs, split)
+        with torch.no_grad():
+            if split.kind == "image":
+                return tensors["image"].float()
+            if split.kind == "decoder":
+                return self._device_decode(tensors["latents"], runtime)
+            if split.kind == "device":
+                embeds = self.encode_prompt(inputs)
+                scheduler = self.new_scheduler(inputs)
+                latents = self.initial_latents(inputs, scheduler)
+                begin = 0
+            elif split.kind == "step":
+                embeds = self._to_unet(tensors["prompt_embeds"])
+                begin = split.index
+                scheduler = self.new_scheduler(inputs, begin_step=begin)
+                latents = self._to_unet(tensors["latents"])
+            else:
+                embeds = self._to_unet(tensors["prompt_embeds"])
+                scheduler = self.new_scheduler(inputs)
+                latents = self._to_unet(tensors["latents"])
+                state = state_from_tensors({k: self._to_unet(v) for k, v in tensors.items()})
+                latents = self._finish_first_step(scheduler, latents, embeds, state, split.index, inputs)
+                begin = 1
+            for i in range(begin, inputs.steps):
+                t = scheduler.timesteps[i]
+                x = self._model_input(scheduler, latents, t, inputs)
+                if runtime is not None:
+                    noise = runtime.unet(x, t.reshape(1).expand(x.shape[0]), embeds)
+                else:
+                    with unet_lock(self.device_unet):
+                        noise = self._unet_call(self.device_unet, x, t, embeds)
+                latents = self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, i, inputs)
+            return self._device_decode(latents, runtime)
+
+    def _finish_first_step(
+        self, scheduler: Any, latents: torch.Tensor, embeds: torch.Tensor, state: UNetState, boundary: int, inputs: GenerationInputs
+    ) -> torch.Tensor:
+        t = scheduler.timesteps[0]
+        # scale_model_input also advances nothing for DDIM and initialises Euler's step
+        # index; its result is not needed (the edge already ran the UNet's input side).
+        self._model_input(scheduler, latents, t, inputs)
+        with unet_lock(self.device_unet):
+            state = unet_run_blocks(self.device_unet, state, embeds, boundary, len(self.unet_blocks))
+            noise = unet_end(self.device_unet, state)
+        return self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, 0, inputs)
+
+    def _device_decode(self, latents: torch.Tensor | MergedLatent, runtime: DeviceRuntime | None) -> torch.Tensor:
+        if runtime is not None:
+            if isinstance(latents, torch.Tensor):
+                from meg.codecs.merge import latent_to_tokens
+
+                tokens = latent_to_tokens(latents)
+                gather_index = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+                return runtime.decode_latent(tokens, gather_index, tuple(latents.shape)).float()
+            return runtime.decode_latent(latents.tokens, latents.gather_index, latents.latent_shape).float()
+        if not isinstance(latents, torch.Tensor):
+            from meg.codecs.merge import unmerge_latent
+
+            latents = unmerge_latent(latents.tokens, latents.gather_index, latents.latent_shape, latents.grouping)
+        return self.decode(self.device_vae, latents)
+
+    def _to_unet(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device_unet.device, self.device_unet.dtype)
+
+    def _checked_crossing(
+        self, crossing: Mapping[str, Any], inputs: GenerationInputs, split: SplitPoint
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for spec in self.crossing(split, inputs):
+            if spec.name not in crossing:
+                raise InvalidInputError(f"crossing tensor {spec.name!r} missing for split {split}", field=spec.name)
+            value = crossing[spec.name]
+            shape = tuple(value.latent_shape) if hasattr(value, "latent_shape") else tuple(value.shape)
+            if shape != spec.shape:
+                raise InvalidInputError(
+                    f"crossing tensor {spec.name!r} has shape {shape}, expected {spec.shape}", field=spec.name
+                )
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                raise InvalidInputError(f"crossing tensor {spec.name!r} has dtype {value.dtype}", field=spec.name)
+            out[spec.name] = value
+        return out
+
+    # ------------------------------------------------------------------ cost
+    def flops(self, split: SplitPoint, inputs: GenerationInputs, *, tome_ratio: float = 0.0) -> PartitionFlops:
+        """FLOPs per partition, counted with ``torch.utils.flop_counter`` (see `PartitionFlops`)."""
+        from meg.split.flops import partition_flops
+
+        self.check(inputs, split)
+        return partition_flops(self, split, inputs, tome_ratio=tome_ratio)
+
+
+@cache
+def _accepts_generator(scheduler_type: type) -> bool:
+    return "generator" in inspect.signature(scheduler_type.step).parameters
+
+
+def _freeze(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    def frozen(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return tuple(frozen(v) for v in value)
+        if isinstance(value, Mapping):
+            return tuple(sorted((k, frozen(v)) for k, v in value.items()))
+        return value
+
+    return tuple(sorted((k, frozen(v)) for k, v in config.items()))
+
+
+@cache
+def _state_specs(
+    frozen_config: tuple[tuple[str, Any], ...], latent_hw: tuple[int, int], boundary: int, batch: int, text_len: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    config = {k: v for k, v in frozen_config if not k.startswith("_")}
+    return crossing_specs_for_config(config, latent_hw=latent_hw, boundary=boundary, batch=batch, text_len=text_len)

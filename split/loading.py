@@ -1,0 +1,107 @@
+"""Load a text-to-image pipeline by name or local folder, offline.
+
+Three kinds of model argument:
+
+- ``"tiny-random"``: built from configs in code (`meg.split.tiny`), seeded weights.
+- ``"meg-tiny"`` (and any other name `meg.models.registry.available()` lists): the
+  project's own model family, loaded by `meg.models.registry.load_pipeline`.
+- a path to a local diffusers pipeline folder (``model_index.json`` at its root), e.g. an
+  SD 1.5, SD-Turbo or SDXL snapshot. Loading never touches a hub: ``HF_HUB_OFFLINE`` is
+  set when unset, ``local_files_only=True`` is always passed, and only safetensors
+  weights are read (nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from meg.errors import ModelNotFoundError
+
+__all__ = ["TINY_RANDOM", "load_pipeline"]
+
+TINY_RANDOM = "tiny-random"
+_REGISTRY_MODULE = "meg.models.registry"
+
+
+def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.float32) -> Any:
+    """Load a diffusers text-to-image pipeline (components in eval mode, on CPU).
+
+    Args:
+        model: ``"tiny-random"``, a registry name such as ``"meg-tiny"``, or a local folder.
+        torch_dtype: dtype of the weights.
+
+    Returns:
+        The pipeline (``StableDiffusionPipeline`` for SD-1.x/2.x layouts,
+        ``StableDiffusionXLPipeline`` for SDXL folders).
+
+    Raises:
+        ModelNotFoundError: the name is unknown, the folder is missing or incomplete, or
+            the registry that serves the name is not installed.
+    """
+    if model == TINY_RANDOM:
+        from meg.split.tiny import build_tiny_random_pipeline
+
+        pipeline = build_tiny_random_pipeline()
+        return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _load_folder(path, torch_dtype)
+    registry = _registry()
+    if model == "meg-tiny" and registry is None:
+        raise ModelNotFoundError(
+            f"model {model!r} is served by {_REGISTRY_MODULE}, which is not installed"
+        )
+    if registry is not None and model in registry.available():
+        pipeline = registry.load_pipeline(model)
+        return pipeline.to(dtype=torch_dtype)
+    raise ModelNotFoundError(
+        f"unknown model {model!r}: not {TINY_RANDOM!r}, not a registry name, "
+        "and not a local diffusers folder"
+    )
+
+
+def _registry() -> Any | None:
+    if importlib.util.find_spec(_REGISTRY_MODULE) is None:
+        return None
+    return importlib.import_module(_REGISTRY_MODULE)
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype) -> Any:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelNotFoundError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    # The hub library reads this once at import; local_files_only below is what guarantees
+    # no network access whatever the import order was.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "torch_dtype": torch_dtype}
+    if "safety_checker" in index:
+        # The safety checker is a 1.2 GB CLIP vision model that is not part of any split.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if torch_dtype == torch.float16 and _only_fp16_variant(path / "unet"):
+        kwargs["variant"] = "fp16"
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot load pipeline folder {str(path)!r} offline: {exc}") from exc
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            module.eval().requires_grad_(False)
+    return pipeline
+
+
+def _only_fp16_variant(component: Path) -> bool:
+    """True when a component folder holds ``*.fp16.safetensors`` but no plain weights."""
+    if not component.is_dir():
+        return False
+    names = [p.name for p in component.glob("*.safetensors")]
+    return bool(names) and all(".fp16." in name for name in names)
