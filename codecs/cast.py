@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from meg.codecs.raw import all_finite
 from meg.errors import CodecError
 
 __all__ = ["CAST_DTYPES", "cast_down", "cast_up"]
@@ -22,7 +23,7 @@ def cast_down(tensor: Tensor, name: str) -> Tensor:
     if not tensor.is_floating_point():
         raise CodecError(f"cast to {name} needs a floating-point tensor, got {tensor.dtype}")
     out = tensor.to(target)
-    if tensor.dtype != target and out.numel() and not bool(out.isfinite().all()):
+    if tensor.dtype != target and not all_finite(out):
         # the input is finite (the chain checks), so a non-finite value is an overflow
         peak = float(tensor.abs().max())
         limit = float(torch.finfo(target).max)

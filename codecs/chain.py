@@ -20,6 +20,7 @@ mode byte, so the decoder checks every length exactly.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -50,7 +51,7 @@ from meg.codecs.quant import (
     quantize,
     unpack_bits,
 )
-from meg.codecs.raw import SUPPORTED_DTYPES, numel, tensor_from_bytes, tensor_to_bytes
+from meg.codecs.raw import SUPPORTED_DTYPES, all_finite, numel, tensor_from_bytes, tensor_to_bytes
 from meg.errors import CodecError, CorruptPayloadError, InvalidInputError, NonFiniteError
 
 __all__ = [
@@ -195,7 +196,7 @@ class CodecChain:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _value_itemsize(chain: CodecChain, dtype: torch.dtype) -> int:
@@ -267,6 +268,12 @@ def parse_chain(spec: str | CodecChain) -> CodecChain:
         return spec
     if not isinstance(spec, str):
         raise CodecError(f"codec chain must be a string, got {type(spec).__name__}", field="codec_chain")
+    return _parse_text(spec)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_text(spec: str) -> CodecChain:
+    """Parsing is pure and chains repeat on every tensor, so parsed chains are memoised."""
     text = spec.strip()
     if text == "none":
         return CodecChain()
@@ -320,11 +327,9 @@ class EncodedTensor:
 def _apply_nan_policy(tensor: Tensor, nan_policy: str) -> Tensor:
     if nan_policy not in ("reject", "zero"):
         raise InvalidInputError(f"nan_policy {nan_policy!r} is not 'reject' or 'zero'", field="nan_policy")
-    if not tensor.is_floating_point() or tensor.numel() == 0:
+    if not tensor.is_floating_point() or all_finite(tensor):
         return tensor
     finite = tensor.isfinite()
-    if bool(finite.all()):
-        return tensor
     if nan_policy == "zero":
         return torch.where(finite, tensor, torch.zeros((), dtype=tensor.dtype))
     bad = int((~finite).sum())
@@ -454,13 +459,9 @@ def decode(encoded: EncodedTensor, *, unmerge: bool = True) -> Tensor | MergedLa
     if isinstance(value, CastStage):
         x = tensor_from_bytes(data, CAST_DTYPES[value.name], coded_shape).to(dtype)
     elif isinstance(value, QuantStage):
-        qparams = QuantParams.from_bytes(quant_params, channel_count(coded_shape))
-        top = qparams.lo.double() + ((1 << value.bits) - 1) * qparams.scale.double()
-        limit = float(torch.finfo(dtype).max)
-        if qparams.lo.numel() and float(torch.maximum(top.abs(), qparams.lo.double().abs()).max()) > limit:
-            raise CorruptPayloadError(
-                f"quantisation parameters reach {float(top.abs().max()):g}, beyond {dtype}", field="codec_params"
-            )
+        qparams = QuantParams.from_bytes(
+            quant_params, channel_count(coded_shape), levels=(1 << value.bits) - 1, max_abs=float(torch.finfo(dtype).max)
+        )
         codes = torch.from_numpy(unpack_bits(data, value.bits, numel(coded_shape))).reshape(coded_shape)
         x = dequantize(codes, qparams, dtype)
     else:

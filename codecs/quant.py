@@ -54,8 +54,9 @@ class QuantParams:
         return np.concatenate([self.lo.numpy(), self.scale.numpy()]).astype("<f4").tobytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes, channels: int) -> QuantParams:
-        """Read 8·C bytes, checking that every lo is finite and every scale finite and ≥ 0.
+    def from_bytes(cls, data: bytes, channels: int, *, levels: int = 0, max_abs: float = np.inf) -> QuantParams:
+        """Read 8·C bytes, checking that every lo is finite and every scale finite and ≥ 0,
+        and that ``lo`` and ``lo + levels·scale`` stay within ±``max_abs`` (the decoded dtype).
 
         Raises:
             CorruptPayloadError: wrong length or an impossible value.
@@ -71,6 +72,13 @@ class QuantParams:
         if not (np.isfinite(values).all() and (scale >= 0).all()):
             raise CorruptPayloadError(
                 "quantisation parameters hold a non-finite value or a negative scale",
+                field="codec_params",
+            )
+        top = lo.astype(np.float64) + levels * scale.astype(np.float64)
+        reach = float(max(np.abs(top).max(initial=0.0), np.abs(lo).max(initial=0.0)))
+        if reach > max_abs:
+            raise CorruptPayloadError(
+                f"quantisation parameters reach {reach:g}, beyond the decoded range ±{max_abs:g}",
                 field="codec_params",
             )
         return cls(lo=torch.from_numpy(lo.copy()), scale=torch.from_numpy(scale.copy()))
@@ -142,8 +150,8 @@ def quantize(tensor: Tensor, bits: int, *, generator: torch.Generator | None = N
 def dequantize(codes: Tensor, params: QuantParams, dtype: torch.dtype = torch.float32) -> Tensor:
     """x̂ = lo_c + q · scale_c, computed in float32, returned as ``dtype`` with the codes' shape."""
     q = _by_channel(codes).to(torch.float32)
-    out = q.mul_(params.scale.view(1, -1, 1)).add_(params.lo.view(1, -1, 1))
-    return out.reshape(codes.shape).to(dtype)
+    out = q.mul_(params.scale.view(1, -1, 1)).add_(params.lo.view(1, -1, 1)).reshape(codes.shape)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def packed_bytes(count: int, bits: int) -> int:

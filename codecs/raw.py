@@ -11,7 +11,7 @@ from torch import Tensor
 
 from meg.errors import CorruptPayloadError
 
-__all__ = ["SUPPORTED_DTYPES", "numel", "tensor_from_bytes", "tensor_to_bytes"]
+__all__ = ["SUPPORTED_DTYPES", "all_finite", "numel", "tensor_from_bytes", "tensor_to_bytes"]
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -33,6 +33,17 @@ if sys.byteorder != "little":  # pragma: no cover - every supported host is litt
 def numel(shape: tuple[int, ...]) -> int:
     """Number of elements of ``shape`` (1 for a scalar)."""
     return math.prod(shape)
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """True if a float tensor holds no NaN/±Inf (empty: True).
+
+    min and max propagate NaN and expose infinities, and two reductions cost far less than
+    materialising an elementwise ``isfinite`` mask.
+    """
+    if tensor.numel() == 0:
+        return True
+    return bool(torch.isfinite(tensor.amin())) and bool(torch.isfinite(tensor.amax()))
 
 
 def tensor_to_bytes(tensor: Tensor) -> bytes:
