@@ -82,10 +82,11 @@ def _load_folder(path: Path, torch_dtype: torch.dtype) -> Any:
     # The hub library reads this once at import; local_files_only below is what guarantees
     # no network access whatever the import order was.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "torch_dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "dtype": torch_dtype}
     if "safety_checker" in index:
-        # The safety checker is a 1.2 GB CLIP vision model that is not part of any split.
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+        # The safety checker (a 1.2 GB CLIP vision model) and its image processor are not
+        # part of any split.
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if torch_dtype == torch.float16 and _only_fp16_variant(path / "unet"):
         kwargs["variant"] = "fp16"
     try:

@@ -1,0 +1,145 @@
+"""FLOPs of the edge and device partitions of a split, per step and per image.
+
+Each stage is counted once with ``torch.utils.flop_counter`` (`count_model_flops`:
+matmuls, convolutions and attention, 2 per multiply-accumulate) on zero tensors of the
+request's shapes — FLOPs depend on shapes, not values — and the partitions are sums of
+stages:
+
+=========  ===========================================  ==========================================
+split      edge                                         device
+=========  ===========================================  ==========================================
+device     0                                            text + N·step_dev + decode_dev
+step:K     text + K·step_edge                           (N−K)·step_dev + decode_dev
+decoder    text + N·step_edge                           decode_dev
+image      text + N·step_edge + decode_edge             0
+unet:B     text + blocks[:B] of step 1                  blocks[B:] of step 1 + (N−1)·step_dev
+                                                        + decode_dev
+=========  ===========================================  ==========================================
+
+A step is one UNet call at batch 2 with classifier-free guidance (1 without); scheduler
+updates are element-wise and not counted. The edge's steps are counted with the request's
+ToMe ratio, so merging shows up as fewer edge FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from meg.split.points import SplitPoint
+from meg.split.unet_stages import unet_begin, unet_block_names, unet_end, unet_run_blocks
+
+if TYPE_CHECKING:
+    from meg.split.engine import GenerationInputs, PartitionFlops, SplitEngine
+
+__all__ = ["StageFlops", "count_model_flops", "partition_flops", "stage_flops"]
+
+
+def _sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's registry knows the CUDA attention kernels but not the CPU one that
+# scaled_dot_product_attention dispatches to here; without this the attention of every
+# transformer block (the largest term at high resolution) would count as zero.
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+
+
+def count_model_flops(fn: Callable[[], object]) -> int:
+    """Run ``fn()`` once (no autograd) under a FLOP counter that also counts CPU attention.
+
+    Returns:
+        FLOPs (2 per multiply-accumulate) of matmuls, convolutions and attention.
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    with torch.no_grad(), counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+class StageFlops(dict[str, float]):
+    """FLOPs per stage: ``text``, ``step_edge``, ``step_dev``, ``decode_edge``,
+    ``decode_dev`` and, for a UNet cut, ``part_edge`` / ``rest_dev``."""
+
+
+def stage_flops(
+    engine: SplitEngine, inputs: GenerationInputs, *, tome_ratio: float = 0.0, boundary: int | None = None
+) -> StageFlops:
+    """Count every stage of ``inputs`` once (cached on the engine by shape and options)."""
+    batch = 2 if inputs.do_cfg else 1
+    latent_shape = engine.latent_shape(inputs)
+    key = (latent_shape, batch, float(tome_ratio), boundary)
+    cache: dict[tuple[object, ...], StageFlops] = engine.__dict__.setdefault("_stage_flops_cache", {})
+    if key in cache:
+        return cache[key]
+
+    text_len = engine.tokenizer.model_max_length
+    x = torch.zeros((batch, *latent_shape[1:]), dtype=engine.unet.dtype, device=engine.unet.device)
+    embeds = torch.zeros(
+        (batch, text_len, engine.text_encoder.config.hidden_size),
+        dtype=engine.unet.dtype,
+        device=engine.unet.device,
+    )
+    t = torch.tensor(999, device=engine.unet.device)
+    latents = torch.zeros(latent_shape, dtype=engine.unet.dtype, device=engine.unet.device)
+    tome_kwargs = {"generator": torch.Generator().manual_seed(0), "latent_hw": tuple(latent_shape[-2:])}
+
+    def edge_step() -> object:
+        with engine.tome.applied(tome_ratio, **tome_kwargs):
+            return engine.unet(x, t, embeds, return_dict=False)
+
+    out = StageFlops(
+        text=float(count_model_flops(lambda: engine.encode_prompt(inputs))),
+        step_edge=float(count_model_flops(edge_step)),
+        step_dev=float(count_model_flops(lambda: engine.device_unet(x, t, embeds, return_dict=False))),
+        decode_edge=float(count_model_flops(lambda: engine.decode(engine.vae, latents))),
+        decode_dev=float(count_model_flops(lambda: engine.decode(engine.device_vae, latents))),
+    )
+    if boundary is not None:
+        n_blocks = len(unet_block_names(engine.unet))
+
+        def edge_part() -> object:
+            with engine.tome.applied(tome_ratio, **tome_kwargs):
+                state = unet_begin(engine.unet, x, t, embeds)
+                return unet_run_blocks(engine.unet, state, embeds, 0, boundary)
+
+        with torch.no_grad():
+            state = unet_run_blocks(engine.device_unet, unet_begin(engine.device_unet, x, t, embeds), embeds, 0, boundary)
+
+        def device_rest() -> object:
+            rest = unet_run_blocks(engine.device_unet, state, embeds, boundary, n_blocks)
+            return unet_end(engine.device_unet, rest)
+
+        out["part_edge"] = float(count_model_flops(edge_part))
+        out["rest_dev"] = float(count_model_flops(device_rest))
+    cache[key] = out
+    return out
+
+
+def partition_flops(
+    engine: SplitEngine, split: SplitPoint, inputs: GenerationInputs, *, tome_ratio: float = 0.0
+) -> PartitionFlops:
+    """Edge and device FLOPs of ``split`` (see the table in this module's docstring)."""
+    from meg.split.engine import PartitionFlops
+
+    engine.tome.check_ratio(tome_ratio)
+    s = stage_flops(
+        engine, inputs, tome_ratio=tome_ratio, boundary=split.index if split.kind == "unet" else None
+    )
+    n = inputs.steps
+    if split.kind == "device":
+        return PartitionFlops(0.0, s["text"] + n * s["step_dev"] + s["decode_dev"], 0.0, s["step_dev"])
+    if split.kind == "step":
+        k = split.index
+        return PartitionFlops(
+            s["text"] + k * s["step_edge"], (n - k) * s["step_dev"] + s["decode_dev"], s["step_edge"], s["step_dev"]
+        )
+    if split.kind == "decoder":
+        return PartitionFlops(s["text"] + n * s["step_edge"], s["decode_dev"], s["step_edge"], 0.0)
+    if split.kind == "image":
+        return PartitionFlops(s["text"] + n * s["step_edge"] + s["decode_edge"], 0.0, s["step_edge"], 0.0)
+    device = s["rest_dev"] + (n - 1) * s["step_dev"] + s["decode_dev"]
+    return PartitionFlops(s["text"] + s["part_edge"], device, s["part_edge"], s["step_dev"] if n > 1 else 0.0)
