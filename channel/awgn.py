@@ -74,6 +74,15 @@ class AWGN:
         x = as_complex(x)
         noise_var = check_noise_var(noise_var)
         noise = sample_complex_normal(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        # in place on the fresh noise tensor: one allocation for the whole call
         if isinstance(noise_var, Tensor):
-            return x + noise * noise_var.to(x.real.dtype).sqrt()
-        return x + noise * math.sqrt(noise_var)
+            try:
+                shape: torch.Size | None = torch.broadcast_shapes(noise_var.shape, x.shape)
+            except RuntimeError:
+                shape = None
+            if shape != x.shape:
+                raise InvalidInputError(
+                    f"noise_var of shape {tuple(noise_var.shape)} does not broadcast to the signal shape {tuple(x.shape)}"
+                )
+            return noise.mul_(noise_var.to(x.real.dtype).sqrt()).add_(x)
+        return noise.mul_(math.sqrt(noise_var)).add_(x)

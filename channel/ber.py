@@ -23,10 +23,28 @@ from meg.channel.rician import RicianFading
 from meg.channel.theory import Fading, ber_theory
 from meg.errors import InvalidInputError
 
-__all__ = ["BerPoint", "ebn0_to_noise_var", "make_fading", "simulate_ber"]
+__all__ = ["BerPoint", "BerSweep", "ebn0_to_noise_var", "make_fading", "simulate_ber"]
 
 # bits per vectorised chunk: bounds memory (~100 MB at 64-QAM) without hurting throughput
 _CHUNK_BITS = 1 << 21
+
+
+@dataclass(frozen=True)
+class BerSweep:
+    """Defaults of a BER sweep (``meg channel ber``)."""
+
+    modulations: tuple[Modulation, ...] = ("qpsk",)
+    """Modems to measure."""
+    fadings: tuple[Fading, ...] = ("awgn",)
+    """Channels to measure (fast fading, known gains)."""
+    snr_db: tuple[float, ...] = tuple(float(v) for v in range(0, 21, 2))
+    """``Eb/N0`` points in dB."""
+    bits: int = 1_000_000
+    """Bits per point."""
+    seed: int = 0
+    """Seed of the one generator the whole sweep draws from."""
+    rician_k: float = 3.0
+    """K-factor for ``rician``."""
 
 
 @dataclass(frozen=True)

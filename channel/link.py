@@ -94,6 +94,8 @@ class LinkConfig:
     """Modem of the ``uncoded`` rate model (its BER gives the PER, ``log2 M`` bits per symbol)."""
     packet_overhead_bytes: int = 40
     """Header bytes added to every packet (and to every retransmission)."""
+    max_packet_bytes: int = 1 << 20
+    """Largest payload per packet in ``send_bytes`` (the wire's chunk size, 1 MiB)."""
     max_retries: int = 8
     """Retransmissions allowed per packet before it counts as lost."""
     realtime: bool = False
@@ -124,6 +126,7 @@ class LinkConfig:
         _require(math.isfinite(self.tx_power_dbm), f"tx_power_dbm must be finite, got {self.tx_power_dbm!r}", "tx_power_dbm")
         _require(math.isfinite(self.rate_bps) and self.rate_bps >= 0, f"rate_bps must be >= 0, got {self.rate_bps!r}", "rate_bps")
         _require(self.packet_overhead_bytes >= 0, f"packet_overhead_bytes must be >= 0, got {self.packet_overhead_bytes!r}", "packet_overhead_bytes")
+        _require(self.max_packet_bytes >= 1, f"max_packet_bytes must be >= 1, got {self.max_packet_bytes!r}", "max_packet_bytes")
         _require(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries!r}", "max_retries")
         _require(0.0 < self.target_per < 1.0, f"target_per must lie in (0, 1), got {self.target_per!r}", "target_per")
         _require(-1.0 <= self.fading_correlation <= 1.0, f"fading_correlation must lie in [-1, 1], got {self.fading_correlation!r}", "fading_correlation")
@@ -296,6 +299,13 @@ class LinkEmulator:
                 field="snr_db",
             )
         return report
+
+    def send_bytes(self, payload_bytes: int) -> DigitalReport:
+        """Send ``payload_bytes`` bytes as packets of at most ``max_packet_bytes`` (see ``send_packets``)."""
+        if payload_bytes < 0:
+            raise InvalidInputError(f"payload_bytes must be >= 0, got {payload_bytes!r}", field="payload_bytes")
+        full, rest = divmod(int(payload_bytes), self.config.max_packet_bytes)
+        return self.send_packets([self.config.max_packet_bytes] * full + ([rest] if rest else []))
 
     # -- analog --------------------------------------------------------------------------
 

@@ -144,3 +144,10 @@ def test_jakes_correlation() -> None:
     assert jakes_correlation(5.0, 0.01) == pytest.approx(0.9755, abs=1e-4)  # J0(0.1π)
     with pytest.raises(InvalidInputError, match="-1"):
         jakes_correlation(-1.0, 1.0)
+
+
+def test_noise_variance_must_broadcast_to_the_signal() -> None:
+    with pytest.raises(InvalidInputError, match=r"\(2, 1\)"):
+        AWGN()(torch.ones(3, dtype=torch.complex64), torch.ones(2, 1))
+    with pytest.raises(InvalidInputError, match=r"\(2,\)"):
+        AWGN()(torch.ones(3, dtype=torch.complex64), torch.ones(2))

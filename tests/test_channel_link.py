@@ -40,6 +40,16 @@ def test_digital_airtime_counts_overhead_and_energy_is_power_times_airtime() -> 
     assert fixed.airtime_s == pytest.approx(1.0) and fixed.energy_j == pytest.approx(0.1)
 
 
+def test_send_bytes_splits_into_wire_sized_packets() -> None:
+    link = _link(mode="digital", rate_bps=1e6, packet_overhead_bytes=10, max_packet_bytes=1000)
+    report = link.send_bytes(2500)
+    assert (report.packets, report.payload_bytes) == (3, 2500)
+    assert report.airtime_s == pytest.approx(8 * (2500 + 3 * 10) / 1e6)
+    assert link.send_bytes(0).packets == 0
+    with pytest.raises(InvalidInputError, match="-1"):
+        link.send_bytes(-1)
+
+
 def test_retransmissions_follow_the_packet_error_rate() -> None:
     # QPSK at Es/N0 = 9 dB (Eb/N0 = 6 dB) and 320-bit packets: PER ≈ 0.53
     link = _link(7, mode="digital", snr_db=9.0, rate_model="uncoded", packet_overhead_bytes=4, max_retries=60)
