@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from meg.services.edge import EdgeConfig, EdgeServer, create_edge_server
@@ -71,13 +71,15 @@ class RunningServer:
 
 def start_edge(config: EdgeConfig = EdgeConfig(), *, pipeline: Any = None, policy: Any = None,
                loop: ServiceLoop | None = None, ready_timeout_s: float | None = 300.0,
-               wait_ready: bool = True) -> RunningServer:
-    """Create, start and wait for an edge server (its model loaded) on `loop` (default: a new one)."""
+               wait_ready: bool = True, loader: Callable[[], Any] | None = None) -> RunningServer:
+    """Create and start an edge server on `loop` (default: a new one); with `wait_ready`,
+    return once its model has loaded (see `create_edge_server` for `pipeline`, `policy`,
+    `loader`)."""
     own = loop is None
     service_loop = loop or ServiceLoop()
 
     async def start() -> EdgeServer:
-        server, _ = await create_edge_server(config, pipeline=pipeline, policy=policy)
+        server, _ = await create_edge_server(config, pipeline=pipeline, policy=policy, loader=loader)
         await server.start()
         if wait_ready:
             await server.wait_until_ready(ready_timeout_s)

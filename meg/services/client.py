@@ -78,6 +78,8 @@ class ClientConfig:
     the unsplit reference bit for bit."""
     onnx_dir: Path = Path.home() / ".cache" / "meg" / "onnx"
     """Cache folder of exported device partitions (one sub-folder per resolution)."""
+    onnx_exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    """Exporter used on first use of a resolution (see `meg.split.onnx_export.ExportOptions`)."""
     model: str = "tiny-random"
     """Pipeline the device loads for its partition (and for falling back)."""
     fallback: bool = True
@@ -273,7 +275,7 @@ class DeviceClient:
                                codec_chain="none", policy="fallback")
             split = SplitPoint("device")
         inputs = inputs_from_request(proto, plan.steps)
-        runtime = self._get_runtime(inputs)
+        runtime = self._get_runtime(inputs, split)
 
         device_started = time.perf_counter()
         crossing = self._decode_crossing(answer.tensors, engine, split, inputs) if fallback_reason is None else {}
@@ -370,9 +372,11 @@ class DeviceClient:
                 self._engine = SplitEngine(pipeline)
             return self._engine
 
-    def _get_runtime(self, inputs: GenerationInputs) -> Any:
+    def _get_runtime(self, inputs: GenerationInputs, split: SplitPoint) -> Any:
         engine = self._get_engine()
-        key = (inputs.height, inputs.width)
+        # decoding only needs the decoder graph; splits with device-side steps need the UNet too
+        parts = ("decoder",) if split.kind in ("decoder", "image") else ("decoder", "unet")
+        key = (inputs.height, inputs.width, parts)
         with self._lock:
             if key not in self._runtimes:
                 if self.config.runtime == "eager":
@@ -382,12 +386,13 @@ class DeviceClient:
 
                     self._runtimes[key] = TorchRuntime(engine.device_unet, engine.device_vae)
                 else:
-                    from meg.split.onnx_export import export_device_partitions
+                    from meg.split.onnx_export import ExportOptions, export_device_partitions
                     from meg.split.runtime import OnnxRuntime
 
                     out_dir = Path(self.config.onnx_dir) / f"{inputs.height}x{inputs.width}"
                     export_device_partitions(engine.pipeline, out_dir=out_dir, height=inputs.height, width=inputs.width,
-                                             unet=engine.device_unet, vae=engine.device_vae)
+                                             parts=parts, unet=engine.device_unet, vae=engine.device_vae,
+                                             options=ExportOptions(exporter=self.config.onnx_exporter))
                     self._runtimes[key] = OnnxRuntime(out_dir)
             return self._runtimes[key]
 

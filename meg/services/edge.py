@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,15 +287,19 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
                     header = message.tensor_header
                     if header.tensor_id in assemblers:
                         raise FramingError(f"tensor_id {header.tensor_id} announced twice", field="tensor_header.tensor_id")
-                    assemblers[header.tensor_id] = TensorAssembler(header, self.config.uplink_limits)
+                    with _field_prefix("tensor_header"):
+                        assemblers[header.tensor_id] = TensorAssembler(header, self.config.uplink_limits)
                     names[header.tensor_id] = header.name
                 elif kind == "tensor_chunk":
                     chunk = message.tensor_chunk
                     assembler = assemblers.get(chunk.tensor_id)
                     if assembler is None:
                         raise FramingError(f"chunk for tensor_id {chunk.tensor_id} before its header", field="tensor_chunk.tensor_id")
-                    if assembler.add(chunk):
-                        assembler.result()  # checksum and sizes are verified even for a refused tensor
+                    with _field_prefix("tensor_chunk"):
+                        complete = assembler.add(chunk)
+                        if complete:  # checksum and sizes are verified even for a refused tensor
+                            assembler.result()
+                    if complete:
                         raise InvalidInputError(
                             f"uplink tensor {names[chunk.tensor_id]!r} is not taken by the MEG recipe "
                             "(it consumes no uplink tensors)",
@@ -520,6 +524,17 @@ _MODE_PROTO = {
     "digital": gen_pb.TRANSPORT_MODE_DIGITAL,
     "analog": gen_pb.TRANSPORT_MODE_ANALOG,
 }
+
+
+@contextlib.contextmanager
+def _field_prefix(prefix: str) -> Iterator[None]:
+    """Qualify the `field` of a framing error with the message it came from."""
+    try:
+        yield
+    except MegError as exc:
+        if exc.field and not exc.field.startswith(prefix):
+            exc.field = f"{prefix}.{exc.field}"
+        raise
 
 
 def _chain_spec(plan: gen_pb.Plan, plan_field: str) -> str:
