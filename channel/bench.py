@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -94,7 +95,7 @@ def bench_channel(symbols: int, repeats: int, warmup: int, seed: int, threads: i
         torch.set_num_threads(threads)
     symbols = symbols // 1024 * 1024
     cases = _cases(symbols, seed)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, call in track(cases, description="channel models", console=Console(stderr=True), transient=True):
         for _ in range(warmup):
             call()
@@ -114,7 +115,7 @@ def bench_channel(symbols: int, repeats: int, warmup: int, seed: int, threads: i
     for row in rows:
         table.add_row(row["model"], f"{symbols:,}", f"{row['median_s'] * 1e3:.2f}", f"{row['cpu_median_s'] * 1e3:.2f}",
                       f"{row['msymbols_per_s_median']:.1f}", f"{row['msymbols_per_s_best']:.1f}")
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"benchmark": "channel", "torch": torch.__version__, "threads": torch.get_num_threads(),
