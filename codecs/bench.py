@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -71,20 +72,23 @@ def _smooth_image(px: int) -> Tensor:
     return torch.stack([torch.sin(6 * x + 2 * y), torch.cos(5 * y - 3 * x * y), 2 * x - 1])[None]
 
 
-def _tiny_vae(seed: int) -> torch.nn.Module:
+def _tiny_vae(seed: int) -> Any:
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)  # diffusers initialises weights from the global generator
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval()
+    # diffusers initialises weights from the global generator: seed a forked copy of it
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae: Any = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+        )
+    return vae.eval()
 
 
 def benchmark_tensors(config: CodecBenchConfig) -> dict[str, Tensor]:

@@ -205,10 +205,10 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     lanes[:, :bits] = flat.reshape(groups, bits)
     word = lanes.view("<u8").reshape(groups)
     mask = np.uint64((1 << bits) - 1)
-    codes = np.empty((groups, 8), dtype=np.uint8)
+    lanes_out = np.empty((groups, 8), dtype=np.uint8)
     for i in range(8):
-        codes[:, i] = (word >> np.uint64(bits * i)) & mask
-    codes = codes.reshape(-1)
+        lanes_out[:, i] = (word >> np.uint64(bits * i)) & mask
+    codes = lanes_out.reshape(-1)
     if codes[count:].any():
         raise CorruptPayloadError("packed payload has non-zero padding bits", field="encoded_bytes")
     return codes[:count]

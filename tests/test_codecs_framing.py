@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -213,7 +215,7 @@ def _lie(header: tensor_pb2.TensorHeader, **fields: object) -> tensor_pb2.Tensor
         ({"codec_params": bytes(1 << 10)}, ResourceExhaustedError, "codec_params"),
     ],
 )
-def test_lying_headers_are_rejected_before_any_chunk(fields: dict, error: type, field: str) -> None:
+def test_lying_headers_are_rejected_before_any_chunk(fields: dict, error: type[MegError], field: str) -> None:
     header, _ = _frame(_payload_tensor(), chunk=32)
     limits = FramingLimits(max_params_bytes=512)
     with pytest.raises(error) as info:
@@ -242,7 +244,7 @@ def test_random_header_lies_never_crash(data: st.DataObject) -> None:
     tensor = data.draw(tensors(max_rank=3, max_dim=4))
     chain = data.draw(st.sampled_from(["none", "zstd", "zstd:1:shuffle"]))
     header, chunks = frame_tensor(encode(tensor, chain), request_id="r", tensor_id=1, name="t", chunk_size_bytes=8)
-    lies = data.draw(
+    lies: dict[str, Any] = data.draw(
         st.fixed_dictionaries(
             {},
             optional={

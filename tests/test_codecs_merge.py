@@ -227,7 +227,8 @@ def test_unmerge_exports_to_onnx_and_matches_torch() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            Unmerge(), (example.tokens, example.gather_index), buffer, dynamo=False,
+            Unmerge(), (example.tokens, example.gather_index), buffer,  # type: ignore[arg-type]
+            dynamo=False,
             input_names=["tokens", "gather_index"], output_names=["latent"],
         )
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
