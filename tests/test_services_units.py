@@ -366,3 +366,11 @@ def test_report_dict_is_json_ready() -> None:
     channel = channel_to_dict(channel_from_link_config(LinkConfig(mode="analog", snr_db=2.2)))
     assert json.loads(json.dumps({"plan": plan, "channel": channel}))["plan"]["split"] == "step:1"
     assert channel["mode"] == "analog"
+
+
+def test_public_surface_resolves() -> None:
+    import meg.services as services
+
+    assert sorted(services.__all__) == sorted(services._WHERE)
+    for name in services.__all__:
+        assert getattr(services, name).__name__ == name

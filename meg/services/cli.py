@@ -85,14 +85,18 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
                          tls_ca: Path | None, metrics_port: int | None, log_level: str) -> None:
     """Run the policy service (PolicyService.Decide, rule-based) until Ctrl-C."""
     from meg.services.observability import configure_logging
-    from meg.services.policy_server import serve_policy
+    from meg.services.policy_server import PolicyServer, serve_policy
     from meg.services.security import resolve_token
 
     configure_logging(log_level)
     config = PolicyServerConfig(host=host, port=port, token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
                                 metrics_port=metrics_port)
-    click.echo(f"policy service on {host}:{port}", err=True)
-    asyncio.run(serve_policy(config))
+
+    def ready(server: PolicyServer) -> None:
+        click.echo(f"policy service on {server.address}" +
+                   (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), err=True)
+
+    asyncio.run(serve_policy(config, on_ready=ready))
 
 
 @click.command("generate")
@@ -151,7 +155,7 @@ def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: in
     for name, value in (("snr_db", snr_db), ("bandwidth_hz", bandwidth_hz), ("rate_bps", rate_bps)):
         if value is not None:
             link_fields[name] = value
-    sizes = {k: v for k, v in (("width", width), ("height", height)) if v is not None}
+    sizes: dict[str, Any] = {k: v for k, v in (("width", width), ("height", height)) if v is not None}
     try:
         plan = (make_plan(split, steps=steps or RulePolicyConfig.steps, merge_ratio=merge_ratio, codec_chain=codec,
                           tome_ratio=tome_ratio) if split else None)

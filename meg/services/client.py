@@ -226,7 +226,7 @@ class DeviceClient:
         self._metadata = token_metadata(config.token)
         self._pipeline = pipeline
         self._engine: SplitEngine | None = None
-        self._runtimes: dict[tuple[int, int], Any] = {}
+        self._runtimes: dict[tuple[int, int, tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
 
     # -- public ------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ class DeviceClient:
     def _get_runtime(self, inputs: GenerationInputs, split: SplitPoint) -> Any:
         engine = self._get_engine()
         # decoding only needs the decoder graph; splits with device-side steps need the UNet too
-        parts = ("decoder",) if split.kind in ("decoder", "image") else ("decoder", "unet")
+        parts: tuple[str, ...] = ("decoder",) if split.kind in ("decoder", "image") else ("decoder", "unet")
         key = (inputs.height, inputs.width, parts)
         with self._lock:
             if key not in self._runtimes:
@@ -444,7 +444,7 @@ class DeviceClient:
         channel.update({
             "downlink_airtime_s": edge.downlink_airtime_s if edge else 0.0,
             "retransmissions": int(edge.retransmissions) if edge else 0,
-            "feature_snr_db": edge.feature_snr_db if edge else None,
+            "feature_snr_db": edge.feature_snr_db if edge and channel["mode"] == "analog" else None,
         })
         return {
             "request_id": request.request_id,

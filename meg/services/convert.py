@@ -27,7 +27,7 @@ __all__ = [
     "split_to_proto",
 ]
 
-_KIND_TO_PROTO: dict[str, int] = {
+_KIND_TO_PROTO: dict[str, Any] = {
     "device": gen_pb.SPLIT_KIND_DEVICE,
     "step": gen_pb.SPLIT_KIND_STEP,
     "decoder": gen_pb.SPLIT_KIND_DECODER,

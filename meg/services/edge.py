@@ -424,7 +424,8 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
             while True:
                 getter = asyncio.ensure_future(progress.get())
                 failed = asyncio.ensure_future(job.failed.wait())
-                done, _ = await asyncio.wait({work, getter, failed}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {work, getter, failed}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 failed.cancel()
                 if getter in done:
                     await context.write(getter.result())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,7 @@ class PolicyServer:
         await set_serving(self.health, [SERVICE_NAME], False)
         await self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s)
         self.servicer.metrics.close()
+        log_event(_log, "policy.stopped", address=self.address)
 
 
 async def create_policy_server(config: PolicyServerConfig = PolicyServerConfig(), *, policy: Any = None) -> tuple[PolicyServer, int]:
@@ -116,10 +118,13 @@ async def create_policy_server(config: PolicyServerConfig = PolicyServerConfig()
     return PolicyServer(server, port, config, servicer, health), port
 
 
-async def serve_policy(config: PolicyServerConfig, *, policy: Any = None) -> None:
+async def serve_policy(config: PolicyServerConfig, *, policy: Any = None,
+                       on_ready: Callable[[PolicyServer], None] | None = None) -> None:
     """Run a policy server until SIGINT/SIGTERM, then drain."""
     server, _ = await create_policy_server(config, policy=policy)
     await server.start()
+    if on_ready is not None:
+        on_ready(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ handle one exception type whatever the transport did.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 
@@ -38,7 +39,7 @@ __all__ = [
 FIELD_METADATA_KEY = "meg-field"
 
 # Most specific first: CorruptPayloadError is an InvalidInputError, but it is DATA_LOSS.
-_MAPPING: tuple[tuple[type[MegError], grpc.StatusCode, int], ...] = (
+_MAPPING: tuple[tuple[type[MegError], grpc.StatusCode, Any], ...] = (
     (CorruptPayloadError, grpc.StatusCode.DATA_LOSS, gen_pb.ERROR_CODE_DATA_LOSS),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT, gen_pb.ERROR_CODE_INVALID_ARGUMENT),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED, gen_pb.ERROR_CODE_RESOURCE_EXHAUSTED),
@@ -74,7 +75,7 @@ def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def proto_code_for(exc: BaseException) -> int:
+def proto_code_for(exc: BaseException) -> Any:
     """`meg.v1.ErrorCode` value for an exception (the in-stream `Error` message)."""
     if isinstance(exc, asyncio.CancelledError):
         return gen_pb.ERROR_CODE_CANCELLED
