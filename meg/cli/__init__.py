@@ -20,6 +20,8 @@ __all__ = ["LazyGroup", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("meg.cli.bench:bench", "Benchmarks: print a table and write JSON."),
     "channel": ("meg.channel.cli:channel", "Wireless channel emulator: BER curves, link budget."),
+    "devices": ("meg.devices.cli:devices", "Device profiles (latency/energy models) and calibration."),
+    "export-onnx": ("meg.split.onnx_cli:export_onnx", "Export a split's device partition to ONNX (cached)."),
     "generate": ("meg.services.cli:generate", "Generate an image as the user device, with an edge's help."),
     "serve": ("meg.services.cli:serve", "Run the edge server or the policy service."),
 }

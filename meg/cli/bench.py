@@ -9,6 +9,7 @@ from meg.cli import LazyGroup
 # name -> ("module:attribute", one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "channel": ("meg.channel.bench:bench_channel", "Symbols per second through each channel model."),
+    "split": ("meg.split.bench:bench_split", "Per split point: bytes, FLOPs, modelled latency, torch vs ONNX."),
     "codecs": ("meg.codecs.bench:bench_codecs", "Codec chains: bits/element, ratio vs fp16, PSNR, one-core MB/s."),
 }
 
