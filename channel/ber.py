@@ -45,6 +45,8 @@ class BerSweep:
     """Seed of the one generator the whole sweep draws from."""
     rician_k: float = 3.0
     """K-factor for ``rician``."""
+    threads: int = 1
+    """torch intra-op threads: the chunks are small, more threads mostly spin."""
 
 
 @dataclass(frozen=True)

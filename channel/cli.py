@@ -56,10 +56,11 @@ def channel() -> None:
 @click.option("--bits", default=_SWEEP.bits, show_default=True, type=click.IntRange(min=1), help="Bits per point.")
 @click.option("--seed", default=_SWEEP.seed, show_default=True, help="Seed of the random generator.")
 @click.option("--rician-k", default=_SWEEP.rician_k, show_default=True, type=click.FloatRange(min=0), help="Rician K-factor (linear).")
+@click.option("--threads", default=_SWEEP.threads, show_default=True, type=click.IntRange(min=1), help="torch intra-op threads.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the rows to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a BER plot to this PNG file.")
 def ber_command(
-    modulation: str, fading: str, snr_db: str, bits: int, seed: int, rician_k: float,
+    modulation: str, fading: str, snr_db: str, bits: int, seed: int, rician_k: float, threads: int,
     json_path: Path | None, plot_path: Path | None,
 ) -> None:
     """Measure bit error rates through modem, fading, AWGN and zero-forcing; compare with theory.
@@ -74,6 +75,7 @@ def ber_command(
     modulations = _parse_list(modulation, get_args(Modulation), "--modulation")
     fadings = _parse_list(fading, get_args(Fading), "--fading")
     points = _parse_floats(snr_db, "--snr-db")
+    torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     rows = []
     console = Console(stderr=True)
