@@ -52,12 +52,6 @@ class Modem:
         levels = self._levels
         # unit average symbol energy: an L-PAM axis with levels ±1, ±3, … has energy (L²−1)/3
         self.scale = math.sqrt(self._axes * (levels * levels - 1) / 3.0) ** -1
-        index = torch.arange(levels)
-        gray = index ^ (index >> 1)
-        # level i carries Gray label i ^ (i >> 1); invert that to place labels on levels
-        level_of_label = torch.empty_like(gray)
-        level_of_label[gray] = index
-        self._amplitude_of_label = (2 * level_of_label - (levels - 1)).to(torch.float32) * self.scale
         self._shifts = torch.arange(self._bits_per_axis - 1, -1, -1, dtype=torch.uint8)
 
     def modulate(self, bits: Tensor) -> Tensor:
@@ -78,16 +72,14 @@ class Modem:
                 f"number of bits ({n}) must be a positive multiple of {self.bits_per_symbol} for {self.modulation}"
             )
         grouped = bits.reshape(*bits.shape[:-1], n // self.bits_per_symbol, self._axes, self._bits_per_axis)
-        if self._bits_per_axis == 1:  # BPSK / QPSK: the bit itself picks −1 or +1
-            amplitude = (grouped[..., 0].to(torch.float32) * 2.0 - 1.0) * self.scale
-            if self._axes == 1:
-                return torch.complex(amplitude[..., 0], torch.zeros_like(amplitude[..., 0]))
-            return torch.complex(amplitude[..., 0], amplitude[..., 1])
-        # label of each axis, most significant bit first
-        labels = grouped[..., 0].to(torch.int64)
+        # Gray → level: the binary digits of the level index are the prefix XORs of the Gray
+        # bits, and level index i sits at 2i − (L − 1) = Σ_j 2^(m−1−j) (2 c_j − 1)
+        prefix = grouped[..., 0]
+        amplitude = prefix.to(torch.float32) * 2.0 - 1.0
         for position in range(1, self._bits_per_axis):
-            labels = labels * 2 + grouped[..., position]
-        amplitude = self._amplitude_of_label[labels]  # [..., S, axes] float32
+            prefix = prefix ^ grouped[..., position]
+            amplitude = amplitude * 2.0 + (prefix.to(torch.float32) * 2.0 - 1.0)
+        amplitude = amplitude * self.scale  # [..., S, axes]
         if self._axes == 1:
             return torch.complex(amplitude[..., 0], torch.zeros_like(amplitude[..., 0]))
         return torch.complex(amplitude[..., 0], amplitude[..., 1])
