@@ -287,6 +287,40 @@ def test_edge_killed_mid_stream_falls_back_then_restarted_edge_serves(pipeline: 
     assert torch.equal(again.image, result.image)
 
 
+def test_round_robin_spreads_requests_and_skips_a_stopped_edge(pipeline: Any, loop: ServiceLoop) -> None:
+    edges = [start_edge(EdgeConfig(port=0), pipeline=pipeline, loop=loop) for _ in range(2)]
+    plan = make_plan("decoder", steps=1, codec_chain="none")
+
+    def served(edge: RunningServer) -> float:
+        registry = edge.server.servicer.metrics.registry
+        return registry.get_sample_value("meg_requests_total", {"service": "edge"}) or 0.0
+
+    try:
+        with DeviceClient([e.address for e in edges], ClientConfig(runtime="eager"), pipeline=pipeline) as device:
+            first = [device.generate(DeviceRequest(prompt=PROMPT, seed=s, plan=plan)) for s in range(4)]
+            assert all(served(e) >= 1 for e in edges)
+            edges[0].stop(0)
+            after = [device.generate(DeviceRequest(prompt=PROMPT, seed=s, plan=plan)) for s in range(3)]
+    finally:
+        edges[1].stop(0)
+    assert not any(r.report["fallback"]["used"] for r in first + after)
+
+
+def test_packet_lost_on_the_link_falls_back_and_says_why(pipeline: Any, loop: ServiceLoop) -> None:
+    # No retransmissions over Rayleigh fading at the Shannon rate: each packet is lost with
+    # probability 1 - 1/e, so the seeded link loses one of the answer's packets.
+    edge = start_edge(EdgeConfig(port=0, link=LinkConfig(max_retries=0)), pipeline=pipeline, loop=loop)
+    try:
+        link = LinkConfig(mode="digital", fading="rayleigh", snr_db=2.2)
+        request = DeviceRequest(prompt=PROMPT, link=link, plan=make_plan("decoder", steps=1, codec_chain="none"))
+        with DeviceClient(edge.address, ClientConfig(runtime="eager"), pipeline=pipeline) as device:
+            result = device.generate(request)
+    finally:
+        edge.stop(0)
+    assert result.report["fallback"]["used"] is True
+    assert "lost after 1 attempts" in result.report["fallback"]["reason"]
+
+
 def test_deadline_falls_back_to_the_device(pipeline: Any, loop: ServiceLoop) -> None:
     # A 2 kbit/s link in real time makes the ~1.3 kB answer take seconds: past the deadline.
     edge = start_edge(EdgeConfig(port=0, realtime=True), pipeline=pipeline, loop=loop)

@@ -203,7 +203,6 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         self.metrics = metrics
         self.engine: SplitEngine | None = None
         self.pool: WorkerPool | None = None
-        self._flops_cache: dict[tuple[str, int, int, int], Any] = {}
 
     # -- the RPC ---------------------------------------------------------------------------
 
@@ -491,10 +490,7 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
     def _costs(self, split: SplitPoint, inputs: GenerationInputs, output: _EdgeOutput, airtime_s: float,
                link_energy_j: float, uplink_report: Any) -> list[gen_pb.PartCost]:
         assert self.engine is not None
-        key = (str(split), inputs.steps, inputs.height, inputs.width)
-        if key not in self._flops_cache:
-            self._flops_cache[key] = self.engine.flops(split, inputs)
-        flops = self._flops_cache[key]
+        flops = self.engine.flops(split, inputs)  # cached by the engine per split and size
         profile = load_profile(self.config.edge_profile)
         return [
             gen_pb.PartCost(part="edge.compute", profile="this-machine", latency_s=output.compute_s,
