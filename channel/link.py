@@ -313,7 +313,8 @@ class LinkEmulator:
         """Send real feature values as complex symbols and return what arrives.
 
         Args:
-            features: any-shape real float tensor (e.g. merged latent tokens ``[B, M, 16]``).
+            features: any-shape real float tensor (e.g. merged latent tokens ``[B, M, 16]``),
+                on any device (the channel itself runs on the CPU).
 
         Returns:
             ``(received, report)``: the received features (same shape and dtype) and the cost.
@@ -336,7 +337,8 @@ class LinkEmulator:
             return features.clone(), AnalogReport(symbols, 0.0, 0.0, math.inf)
         airtime_s = symbols / config.bandwidth_hz
         energy_j = airtime_s * config.tx_power_w
-        flat = features.detach().reshape(-1).to(torch.float32)
+        # the emulator's generator lives on the CPU, so the channel runs there
+        flat = features.detach().reshape(-1).to("cpu", torch.float32)
         if count % 2:
             flat = torch.cat([flat, flat.new_zeros(1)])
         power = float(flat.square().mean()) if count else 0.0
@@ -354,7 +356,7 @@ class LinkEmulator:
             rx = self._awgn(gains * tx, noise_var, generator=self.generator)
             estimate, _ = equalize(rx, gains, noise_var, config.equalizer)
             restored = torch.stack([estimate.real, estimate.imag], dim=-1).reshape(-1)[:count] * amplitude
-            received = restored.reshape(features.shape).to(features.dtype)
+            received = restored.reshape(features.shape).to(features.device, features.dtype)
             error = float((restored - flat[:count]).square().sum())
             snr = math.inf if error == 0.0 else 10.0 * math.log10(float(flat.square().sum()) / error)
         if config.realtime:

@@ -104,7 +104,7 @@ class Modem:
             index = index.to(torch.uint8)
             labels.append(index ^ (index >> 1))  # the Gray label of that level
         stacked = torch.stack(labels, dim=-1)  # [..., S, axes]
-        bits = (stacked.unsqueeze(-1) >> self._shifts) & 1  # [..., S, axes, bits_per_axis]
+        bits = (stacked.unsqueeze(-1) >> self._shifts.to(stacked.device)) & 1  # [..., S, axes, bits_per_axis]
         return bits.reshape(*symbols.shape[:-1], symbols.shape[-1] * self.bits_per_symbol)
 
     def constellation(self) -> tuple[Tensor, Tensor]:

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meg.channel.modem import BITS_PER_SYMBOL, Modem
 from meg.errors import InvalidInputError
@@ -76,3 +78,19 @@ def test_bad_inputs_name_the_value() -> None:
         Modem("16qam").modulate(torch.ones(6, dtype=torch.uint8))
     with pytest.raises(InvalidInputError, match="float32"):
         Modem("qpsk").modulate(torch.ones(4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    modulation=st.sampled_from(MODULATIONS),
+    lead=st.lists(st.integers(min_value=1, max_value=3), max_size=2),
+    symbols=st.integers(min_value=1, max_value=17),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_round_trip_for_any_shape(modulation: str, lead: list[int], symbols: int, seed: int) -> None:
+    modem = Modem(modulation)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2, (*lead, symbols * modem.bits_per_symbol), generator=g, dtype=torch.uint8)
+    out = modem.modulate(bits)
+    assert out.shape == (*lead, symbols)
+    assert torch.equal(modem.demodulate(out), bits)
