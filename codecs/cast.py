@@ -14,7 +14,7 @@ CAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bflo
 
 
 def cast_down(tensor: Tensor, name: str) -> Tensor:
-    """Round a finite float tensor to ``name`` ("fp16" or "bf16"), same shape.
+    """Round a float tensor to ``name`` ("fp16" or "bf16"), same shape.
 
     Raises:
         CodecError: a value beyond the target's range (it would arrive as infinity).
@@ -24,10 +24,12 @@ def cast_down(tensor: Tensor, name: str) -> Tensor:
         raise CodecError(f"cast to {name} needs a floating-point tensor, got {tensor.dtype}")
     out = tensor.to(target)
     if tensor.dtype != target and not all_finite(out):
-        # the input is finite (the chain checks), so a non-finite value is an overflow
-        peak = float(tensor.abs().max())
-        limit = float(torch.finfo(target).max)
-        raise CodecError(f"value {peak:g} exceeds the {name} range ±{limit:g}")
+        # a finite value that became infinite overflowed (non-finite inputs stay as they are)
+        overflow = out.isinf() & tensor.isfinite()
+        if bool(overflow.any()):
+            peak = float(tensor[overflow].abs().max())
+            limit = float(torch.finfo(target).max)
+            raise CodecError(f"value {peak:g} exceeds the {name} range ±{limit:g}")
     return out
 
 

@@ -67,7 +67,7 @@ __all__ = [
     "parse_chain",
 ]
 
-NanPolicy = Literal["reject", "zero"]
+NanPolicy = Literal["reject", "zero", "keep"]
 
 
 @dataclass(frozen=True)
@@ -324,17 +324,21 @@ class EncodedTensor:
         return numel(self.shape)
 
 
-def _apply_nan_policy(tensor: Tensor, nan_policy: str) -> Tensor:
-    if nan_policy not in ("reject", "zero"):
-        raise InvalidInputError(f"nan_policy {nan_policy!r} is not 'reject' or 'zero'", field="nan_policy")
+def _apply_nan_policy(tensor: Tensor, nan_policy: str, chain: CodecChain) -> Tensor:
+    if nan_policy not in ("reject", "zero", "keep"):
+        raise InvalidInputError(
+            f"nan_policy {nan_policy!r} is not 'reject', 'zero' or 'keep'", field="nan_policy"
+        )
     if not tensor.is_floating_point() or all_finite(tensor):
         return tensor
-    finite = tensor.isfinite()
     if nan_policy == "zero":
-        return torch.where(finite, tensor, torch.zeros((), dtype=tensor.dtype))
-    bad = int((~finite).sum())
+        return torch.where(tensor.isfinite(), tensor, torch.zeros((), dtype=tensor.dtype))
+    if nan_policy == "keep" and chain.merge is None and not isinstance(chain.value, QuantStage):
+        return tensor
+    bad = int((~tensor.isfinite()).sum())
+    hint = "" if nan_policy == "reject" else f"; chain {chain.spec!r} cannot carry them"
     raise NonFiniteError(
-        f"tensor {tuple(tensor.shape)} holds {bad} non-finite values (NaN/Inf); "
+        f"tensor {tuple(tensor.shape)} holds {bad} non-finite values (NaN/Inf){hint}; "
         "pass nan_policy='zero' to replace them with 0"
     )
 
@@ -366,7 +370,8 @@ def encode(
         chain: spec string or parsed chain.
         generator: random destinations for merging and noise for ``:sr`` rounding.
         nan_policy: "reject" raises NonFiniteError on NaN/Inf in a float tensor; "zero"
-            replaces them with 0 first.
+            replaces them with 0 first; "keep" carries them bit-exactly through chains
+            without merge or quantisation (which need finite values: NonFiniteError).
     Returns:
         :class:`EncodedTensor`; ``bits_on_wire`` counts payload and side information.
     Raises:
@@ -375,7 +380,7 @@ def encode(
     parsed = parse_chain(chain)
     shape = tuple(int(d) for d in tensor.shape)
     parsed.check_applicable(tensor.dtype, shape)
-    x = _apply_nan_policy(tensor.detach().cpu().contiguous(), nan_policy)
+    x = _apply_nan_policy(tensor.detach().cpu().contiguous(), nan_policy, parsed)
     params: list[bytes] = []
 
     if parsed.merge is not None:

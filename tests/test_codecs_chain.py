@@ -186,6 +186,14 @@ def test_non_finite_values_follow_the_nan_policy() -> None:
         encode(tensor, "int8")
     out = decode(encode(tensor, "none", nan_policy="zero"))
     assert out.equal(torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
+    kept = decode(encode(tensor.half(), "fp16,zstd:3:shuffle", nan_policy="keep"))
+    assert tensor_to_bytes(kept) == tensor_to_bytes(tensor.half())
+    kept32 = decode(encode(tensor, "bf16", nan_policy="keep"))
+    assert kept32[0, 1].isnan() and kept32[1, 0] == float("inf")
+    with pytest.raises(NonFiniteError, match="chain 'int8' cannot carry them"):
+        encode(tensor, "int8", nan_policy="keep")
+    with pytest.raises(NonFiniteError, match="cannot carry them"):
+        encode(tensor.reshape(1, 1, 1, 4), "merge:0.5", nan_policy="keep")
     with pytest.raises(InvalidInputError, match="nan_policy 'drop'") as info:
         encode(tensor, "none", nan_policy="drop")  # type: ignore[arg-type]
     assert info.value.field == "nan_policy"
