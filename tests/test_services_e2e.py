@@ -138,10 +138,12 @@ def test_remote_policy_digital_link_and_onnxruntime(pipeline: Any, loop: Service
     policy = start_policy(PolicyServerConfig(port=0), loop=loop)
     edge = start_edge(EdgeConfig(port=0, policy_address=policy.address), pipeline=pipeline, loop=loop)
     try:
-        config = ClientConfig(runtime="onnxruntime", onnx_dir=tmp_path, onnx_exporter="torchscript")
+        config = ClientConfig(runtime="onnxruntime", onnx_dir=tmp_path)
         with DeviceClient(edge.address, config, pipeline=pipeline) as device:
             link = LinkConfig(mode="digital", snr_db=2.2, bandwidth_hz=1e6)
             result = device.generate(DeviceRequest(prompt=PROMPT, seed=5, link=link, distance_m=200.0), reference=True)
+            lossless = device.generate(DeviceRequest(prompt=PROMPT, seed=5, plan=make_plan("decoder", steps=STEPS, codec_chain="none")),
+                                       reference=True)
     finally:
         edge.stop(0)
         policy.stop(0)
@@ -155,6 +157,7 @@ def test_remote_policy_digital_link_and_onnxruntime(pipeline: Any, loop: Service
     assert report["device"]["runtime"] == "onnxruntime"
     assert 0 < report["quality"]["mse_vs_reference"] < 0.05
     assert result.image.shape == (1, 3, 64, 64)
+    assert lossless.report["quality"]["max_abs_diff"] < 1e-4  # ONNX Runtime decodes like torch
 
 
 def test_analog_link_adds_feature_noise(client: DeviceClient, engine: SplitEngine) -> None:
