@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from meg.codecs.merge import MergedLatent
     from meg.split.runtime import DeviceRuntime
 
-__all__ = ["GenerationInputs", "PartitionFlops", "SplitEngine", "TensorSpec"]
+__all__ = ["GenerationInputs", "PartitionFlops", "Partitions", "SplitEngine", "TensorSpec"]
 
 ProgressFn = Callable[[str, int, int], None]
 StopFn = Callable[[], bool]
@@ -114,6 +114,23 @@ class PartitionFlops:
     device_flops_per_step: float
 
 
+@dataclass(frozen=True)
+class Partitions:
+    """The two sides of one split as runnable objects and stage lists.
+
+    ``edge(inputs, tome_ratio=…, on_progress=…, should_stop=…)`` returns the crossing
+    tensors; ``device(crossing, inputs, runtime=…)`` returns the image. ``edge_stages`` /
+    ``device_stages`` name the stages each side runs, e.g. ``["text_encode", "step:1"]``,
+    ``["step:2", …, "decode"]``; a UNet cut shows as ``"step:1[:B]"`` / ``"step:1[B:]"``.
+    """
+
+    split: SplitPoint
+    edge: Callable[..., dict[str, torch.Tensor]]
+    device: Callable[..., torch.Tensor]
+    edge_stages: tuple[str, ...]
+    device_stages: tuple[str, ...]
+
+
 class SplitEngine:
     """Runs a Stable-Diffusion-style pipeline split at any `SplitPoint`.
 
@@ -163,6 +180,27 @@ class SplitEngine:
         points += [SplitPoint("decoder"), SplitPoint("image")]
         points += [SplitPoint("unet", b) for b in range(1, len(self.unet_blocks))]
         return points
+
+    def stages(self, steps: int) -> list[str]:
+        """The unsplit stage sequence: ``text_encode, step:1 … step:N, decode``."""
+        return ["text_encode", *(f"step:{i}" for i in range(1, steps + 1)), "decode"]
+
+    def partitions(self, split: SplitPoint, inputs: GenerationInputs) -> Partitions:
+        """The edge and device partitions of ``split`` for ``steps = inputs.steps``."""
+        self.check(inputs, split)
+        stages = self.stages(inputs.steps)
+        cut = {"device": 0, "decoder": inputs.steps + 1, "image": inputs.steps + 2}.get(split.kind, split.index + 1)
+        if split.kind == "unet":
+            edge, device = ["text_encode", f"step:1[:{split.index}]"], [f"step:1[{split.index}:]", *stages[2:]]
+        else:
+            edge, device = stages[:cut], stages[cut:]
+        return Partitions(
+            split=split,
+            edge=lambda inputs, **kwargs: self.run_edge(inputs, split, **kwargs),
+            device=lambda crossing, inputs, **kwargs: self.run_device(crossing, inputs, split, **kwargs),
+            edge_stages=tuple(edge),
+            device_stages=tuple(device),
+        )
 
     def check(self, inputs: GenerationInputs, split: SplitPoint) -> None:
         """Raise `InvalidInputError`/`SplitError` naming the bad value."""

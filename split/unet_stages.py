@@ -28,6 +28,7 @@ from meg.errors import SplitError
 __all__ = [
     "SD15_UNET_CONFIG",
     "UNetState",
+    "crossing_bytes_fp16",
     "crossing_specs_for_config",
     "state_tensors",
     "unet_begin",
@@ -235,3 +236,25 @@ def crossing_specs_for_config(
         state = unet_begin(unet, sample, timestep, text)
         state = unet_run_blocks(unet, state, text, 0, boundary)
     return {name: (tuple(t.shape), t.dtype) for name, t in state_tensors(state).items()}
+
+
+def crossing_bytes_fp16(
+    config: Mapping[str, Any],
+    *,
+    latent_hw: tuple[int, int],
+    boundary: int,
+    batch: int = 1,
+    text_len: int = 77,
+) -> int:
+    """Bytes of the UNet state at ``boundary`` sent raw in fp16 (2 bytes per element).
+
+    Counts ``hidden``, ``temb`` and every pending skip tensor, from the config alone. For
+    `SD15_UNET_CONFIG`, ``latent_hw=(64, 64)``, ``batch=1`` and a cut after the last down
+    block or after the mid block (B = 4 or 5): 13,437,440 bytes (13.4 MB); ``batch=2``
+    (classifier-free guidance) doubles it. The text embeddings and the step's input
+    latent, which also cross a UNet cut, are not included.
+    """
+    specs = crossing_specs_for_config(
+        config, latent_hw=latent_hw, boundary=boundary, batch=batch, text_len=text_len
+    )
+    return sum(2 * torch.Size(shape).numel() for shape, _ in specs.values())

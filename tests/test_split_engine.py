@@ -15,6 +15,7 @@ from meg.split.loading import load_pipeline
 from meg.split.points import SplitPoint
 from meg.split.unet_stages import (
     SD15_UNET_CONFIG,
+    crossing_bytes_fp16,
     crossing_specs_for_config,
     unet_begin,
     unet_block_names,
@@ -49,6 +50,24 @@ def _identity(crossing: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_split_points_listed(engine: SplitEngine) -> None:
     assert [str(p) for p in engine.split_points(INPUTS.steps)] == ALL_POINTS
     assert engine.unet_blocks == ["down.0", "down.1", "mid", "up.0", "up.1"]
+
+
+def test_partitions_as_runnable_objects(engine: SplitEngine, reference: torch.Tensor) -> None:
+    stages = engine.stages(INPUTS.steps)
+    assert stages == ["text_encode", "step:1", "step:2", "step:3", "step:4", "decode"]
+    for text in ALL_POINTS:
+        parts = engine.partitions(SplitPoint.parse(text), INPUTS)
+        if text.startswith("unet"):
+            assert parts.edge_stages == ("text_encode", f"step:1[:{text[5:]}]")
+            assert parts.device_stages[1:] == tuple(stages[2:])
+        else:
+            assert parts.edge_stages + parts.device_stages == tuple(stages)
+    step3 = engine.partitions(SplitPoint("step", 3), INPUTS)
+    assert step3.device_stages == ("step:4", "decode")
+    assert engine.partitions(SplitPoint("decoder"), INPUTS).device_stages == ("decode",)
+    assert engine.partitions(SplitPoint("device"), INPUTS).edge_stages == ()
+    image = step3.device(step3.edge(INPUTS), INPUTS)
+    assert float((image - reference).abs().max()) <= TOLERANCE
 
 
 def test_reference_is_an_image(reference: torch.Tensor) -> None:
@@ -98,10 +117,13 @@ def test_sd15_block_cut_is_13_4_mb_per_image_in_fp16() -> None:
     # after the mid block at a 64×64 latent (512×512 image), one image, no guidance.
     specs = crossing_specs_for_config(SD15_UNET_CONFIG, latent_hw=(64, 64), boundary=5, batch=1)
     assert len([n for n in specs if n.startswith("skip.")]) == 12
-    total_fp16 = sum(2 * torch.Size(shape).numel() for shape, _ in specs.values())
+    assert specs["skip.0"][0] == (1, 320, 64, 64) and specs["hidden"][0] == (1, 1280, 8, 8)
+    total_fp16 = crossing_bytes_fp16(SD15_UNET_CONFIG, latent_hw=(64, 64), boundary=5)
+    assert total_fp16 == sum(2 * torch.Size(shape).numel() for shape, _ in specs.values())
     assert 13.4e6 <= total_fp16 < 13.5e6
-    with_cfg = crossing_specs_for_config(SD15_UNET_CONFIG, latent_hw=(64, 64), boundary=5, batch=2)
-    assert sum(2 * torch.Size(s).numel() for s, _ in with_cfg.values()) == 2 * total_fp16
+    assert crossing_bytes_fp16(SD15_UNET_CONFIG, latent_hw=(64, 64), boundary=5, batch=2) == 2 * total_fp16
+    # ~420× the 32 KB latent that the decoder split sends.
+    assert total_fp16 / (4 * 64 * 64 * 2) > 400
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (56, 72)])

@@ -10,6 +10,7 @@ from meg.cli import LazyGroup
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "channel": ("meg.channel.bench:bench_channel", "Symbols per second through each channel model."),
     "split": ("meg.split.bench:bench_split", "Per split point: bytes, FLOPs, modelled latency, torch vs ONNX."),
+    "engine": ("meg.split.bench_engine:bench_engine", "Split engine: run_full and per-split edge/device wall time."),
     "codecs": ("meg.codecs.bench:bench_codecs", "Codec chains: bits/element, ratio vs fp16, PSNR, one-core MB/s."),
 }
 
