@@ -254,7 +254,8 @@ class LinkEmulator:
 
         Returns:
             the cost of the transmission. In ``analog`` mode the bytes are still sent as
-            packets (side information travels digitally).
+            packets (side information travels digitally). With ``on_loss="report"`` the
+            transmission stops at the first lost packet and ``delivered`` is False.
 
         Raises:
             ChannelError: a packet was lost ``max_retries + 1`` times (``on_loss="raise"``).
