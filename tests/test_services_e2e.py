@@ -18,18 +18,19 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from services_certs import write_test_certs
 
 from meg.channel.link import LinkConfig
 from meg.codecs.chain import encode
 from meg.codecs.framing import frame_tensor
-from meg.errors import DeadlineExceededError
+from meg.errors import DeadlineExceededError, UnavailableError
 from meg.services.background import RunningServer, ServiceLoop, start_edge, start_policy
 from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
 from meg.services.convert import make_plan
 from meg.services.edge import EdgeConfig
 from meg.services.policy_server import PolicyServerConfig
 from meg.services.rule_policy import RulePolicyConfig
-from meg.services.security import token_metadata
+from meg.services.security import TlsConfig, token_metadata
 from meg.services.transport import channel_options
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.loading import load_pipeline
@@ -227,6 +228,27 @@ def test_bad_inputs_are_refused_while_a_good_request_succeeds(edge: RunningServe
         result = good.result(timeout=60)
     assert result.report["fallback"]["used"] is False
     assert torch.equal(result.image, _reference(engine, seed=11, steps=6))
+
+
+def test_mutual_tls_edge_refuses_a_client_without_certificate(pipeline: Any, loop: ServiceLoop, engine: SplitEngine,
+                                                              tmp_path: Path) -> None:
+    certs = write_test_certs(tmp_path)
+    server_tls = TlsConfig(cert_file=certs["server_cert"], key_file=certs["server_key"], ca_file=certs["ca"])
+    edge = start_edge(EdgeConfig(port=0, tls=server_tls), pipeline=pipeline, loop=loop)
+    request = DeviceRequest(prompt=PROMPT, seed=3, plan=make_plan("decoder", steps=STEPS, codec_chain="none"))
+    try:
+        with_cert = TlsConfig(ca_file=certs["ca"], cert_file=certs["client_cert"], key_file=certs["client_key"])
+        without_cert = TlsConfig(ca_file=certs["ca"])
+        with DeviceClient(edge.address, ClientConfig(runtime="eager", tls=with_cert), pipeline=pipeline) as device:
+            good = device.generate(request)
+        no_fallback = ClientConfig(runtime="eager", tls=without_cert, fallback=False, connect_timeout_s=1.0)
+        with DeviceClient(edge.address, no_fallback, pipeline=pipeline) as device, \
+                pytest.raises(UnavailableError, match="no healthy edge"):
+            device.generate(request)
+    finally:
+        edge.stop(0)
+    assert good.report["fallback"]["used"] is False
+    assert torch.equal(good.image, _reference(engine, seed=3))
 
 
 # -- load -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import click
 from meg.services.client import ClientConfig, DeviceRequest
 from meg.services.edge import EdgeConfig
 from meg.services.policy_server import PolicyServerConfig
+from meg.services.rule_policy import RulePolicyConfig
 from meg.services.security import TOKEN_ENV_VAR, TlsConfig
 
 __all__ = ["generate", "serve"]
@@ -118,7 +119,7 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
 @click.option("--split", default=None, help="Force a split (device, step:K, decoder, image, unet:B); default: the policy decides.")
 @click.option("--steps", type=int, default=None, help="Steps of a forced plan (default: the rule policy's).")
 @click.option("--merge-ratio", type=float, default=0.0, show_default=True, help="Merge ratio of a forced plan.")
-@click.option("--codec", default="fp16,zstd:3", show_default=True, help="Codec chain of a forced plan.")
+@click.option("--codec", default=RulePolicyConfig.good_chain, show_default=True, help="Codec chain of a forced plan.")
 @click.option("--tome-ratio", type=float, default=0.0, show_default=True, help="Edge ToMe ratio of a forced plan.")
 @click.option("--latency-limit-s", type=float, default=0.0, show_default=True, help="Latency limit (0: none).")
 @click.option("--energy-limit-j", type=float, default=0.0, show_default=True, help="Energy limit (0: none).")
@@ -147,7 +148,6 @@ def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: in
     from meg.errors import MegError
     from meg.services.client import DeviceClient
     from meg.services.convert import make_plan
-    from meg.services.rule_policy import RulePolicyConfig
 
     link_fields: dict[str, Any] = {"mode": mode, "fading": fading}
     if snr_db is None and distance_m is not None:
