@@ -78,3 +78,10 @@ def test_bench_channel_writes_throughput_rows(tmp_path: Path) -> None:
     rows = {row["model"]: row for row in json.loads(out.read_text())["rows"]}
     assert "rayleigh fast fading" in rows and "awgn" in rows
     assert all(row["msymbols_per_s_median"] > 0 and row["symbols"] == 2048 for row in rows.values())
+
+
+def test_commands_are_registered_in_the_meg_cli() -> None:
+    runner = CliRunner()
+    assert "ber" in runner.invoke(cli, ["channel", "--help"]).output
+    bench_help = runner.invoke(cli, ["bench", "channel", "--help"])
+    assert bench_help.exit_code == 0 and "--symbols" in bench_help.output
