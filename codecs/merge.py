@@ -253,8 +253,7 @@ def merge_latent_with_plan(
         # cosine similarity of every source to every destination; zero tokens get norm 1
         # instead of NaN so that they are simply dissimilar to everything
         metric = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        scores = metric[:, src_idx] @ metric[:, dst_idx].transpose(1, 2)  # [B, n_src, n_dst]
-        best, best_dst = scores.max(dim=-1)
+        best, best_dst = _most_similar(metric[:, src_idx], metric[:, dst_idx])
         # stable sort: equal scores merge the lower token index first, deterministically
         order = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]
         merged = torch.zeros(batch, grid.n_src, dtype=torch.bool)
@@ -268,6 +267,30 @@ def merge_latent_with_plan(
         MergedLatent(tokens=kept_tokens, gather_index=gather_index, latent_shape=shape, grouping=grouping),  # type: ignore[arg-type]
         plan,
     )
+
+
+_SCORE_ROWS = 512  # source rows per block: a block of scores stays in cache
+
+
+def _most_similar(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """Best cosine similarity of each source and the ordinal of the destination reaching it.
+
+    Args:
+        src: ``[B, n_src, D]`` unit-norm source tokens.
+        dst: ``[B, n_dst, D]`` unit-norm destination tokens.
+    Returns:
+        (best ``[B, n_src]`` float32, best_dst ``[B, n_src]`` int64).
+    """
+    dst_t = dst.transpose(1, 2)
+    best, best_dst = [], []
+    for start in range(0, src.shape[1], _SCORE_ROWS):
+        scores = (src[:, start : start + _SCORE_ROWS] @ dst_t).numpy()  # [B, rows, n_dst]
+        # numpy's argmax returns the first maximum (documented, so ties are deterministic)
+        # and is several times faster than torch.max with indices on one thread
+        index = scores.argmax(axis=-1)
+        best.append(np.take_along_axis(scores, index[..., None], axis=-1)[..., 0])
+        best_dst.append(index)
+    return torch.from_numpy(np.concatenate(best, axis=1)), torch.from_numpy(np.concatenate(best_dst, axis=1))
 
 
 def _dst_src_indices(grid: TokenGrid, dst_choice: Tensor | None) -> tuple[Tensor, Tensor]:
