@@ -229,7 +229,11 @@ def merge_latent(
 def merge_latent_with_plan(
     latent: Tensor, ratio: float, *, generator: torch.Generator | None = None, grouping: int = 4
 ) -> tuple[MergedLatent, MergePlan]:
-    """:func:`merge_latent`, also returning the :class:`MergePlan` that travels as side info."""
+    """:func:`merge_latent`, also returning the :class:`MergePlan` that travels as side info.
+
+    The matching runs on a detached CPU copy (the plan is CPU tensors); the averaging runs
+    on the latent's device and is differentiable with respect to the latent.
+    """
     if not latent.is_floating_point():
         raise CodecError(f"token merging needs a floating-point latent, got {latent.dtype}")
     shape = tuple(int(s) for s in latent.shape)
@@ -252,7 +256,8 @@ def merge_latent_with_plan(
     else:
         # cosine similarity of every source to every destination; zero tokens get norm 1
         # instead of NaN so that they are simply dissimilar to everything
-        metric = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        cpu_tokens = tokens.detach().cpu()
+        metric = cpu_tokens / cpu_tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         best, best_dst = _most_similar(metric[:, src_idx], metric[:, dst_idx])
         # stable sort: equal scores merge the lower token index first, deterministically
         order = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]
@@ -261,7 +266,7 @@ def merge_latent_with_plan(
         chosen = merged.nonzero()[:, 1].view(batch, r)  # ascending source ordinals
         plan = MergePlan(dst_choice=dst_choice, merged=merged, merged_into=torch.gather(best_dst, 1, chosen))
 
-    gather_index = gather_index_from_plan(plan, grid)
+    gather_index = gather_index_from_plan(plan, grid).to(latent.device)
     kept_tokens = _average_into_kept(tokens, gather_index, grid.n_tokens - r).to(latent.dtype)
     return (
         MergedLatent(tokens=kept_tokens, gather_index=gather_index, latent_shape=shape, grouping=grouping),  # type: ignore[arg-type]
@@ -320,10 +325,8 @@ def gather_index_from_plan(plan: MergePlan, grid: TokenGrid) -> Tensor:
 def _average_into_kept(tokens: Tensor, gather_index: Tensor, n_kept: int) -> Tensor:
     """Mean of every group of tokens that share a row of ``gather_index`` → ``[B, M, D]``."""
     batch, _, dim = tokens.shape
-    sums = torch.zeros(batch, n_kept, dim, dtype=tokens.dtype)
-    sums.scatter_add_(1, gather_index.unsqueeze(-1).expand(-1, -1, dim), tokens)
-    counts = torch.zeros(batch, n_kept, dtype=tokens.dtype)
-    counts.scatter_add_(1, gather_index, torch.ones_like(gather_index, dtype=tokens.dtype))
+    sums = tokens.new_zeros(batch, n_kept, dim).scatter_add(1, gather_index.unsqueeze(-1).expand(-1, -1, dim), tokens)
+    counts = tokens.new_zeros(batch, n_kept).scatter_add_(1, gather_index, torch.ones_like(gather_index, dtype=tokens.dtype))
     return sums / counts.unsqueeze(-1)
 
 

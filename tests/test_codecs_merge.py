@@ -237,3 +237,12 @@ def test_unmerge_exports_to_onnx_and_matches_torch() -> None:
     (out,) = session.run(None, {"tokens": other.tokens.numpy(), "gather_index": other.gather_index.numpy()})
     expected = unmerge_latent(other.tokens, other.gather_index, shape)
     assert torch.from_numpy(out).equal(expected)
+
+
+def test_merge_is_differentiable_with_respect_to_the_latent() -> None:
+    latent = _latent((1, 4, 8, 8)).requires_grad_(True)
+    merged = merge_latent(latent, 0.5, generator=torch.Generator().manual_seed(0))
+    unmerge_latent(merged.tokens, merged.gather_index, merged.latent_shape).sum().backward()
+    assert latent.grad is not None
+    # every element reaches the output exactly once through the average of its group
+    torch.testing.assert_close(latent.grad.sum(), torch.tensor(float(latent.numel())))
