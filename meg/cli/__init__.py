@@ -18,12 +18,16 @@ __all__ = ["LazyGroup", "main"]
 
 # name -> ("module:attribute", one-line help shown by `meg --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("meg.demo:demo", "The whole system on loopback: one image and its report."),
     "bench": ("meg.cli.bench:bench", "Benchmarks: print a table and write JSON."),
     "channel": ("meg.channel.cli:channel", "Wireless channel emulator: BER curves, link budget."),
-    "devices": ("meg.devices.cli:devices", "Device profiles (latency/energy models) and calibration."),
-    "export-onnx": ("meg.split.onnx_cli:export_onnx", "Export a split's device partition to ONNX (cached)."),
+    "train": ("meg.models.cli:train", "Train the embedded meg-tiny model family (stages or all)."),
+    "eval": ("meg.models.cli:eval_group", "Measure a model family: prompt fidelity, decoder MSE, judge."),
     "generate": ("meg.services.cli:generate", "Generate an image as the user device, with an edge's help."),
     "serve": ("meg.services.cli:serve", "Run the edge server or the policy service."),
+    "devices": ("meg.devices.cli:devices", "Device profiles (latency/energy models) and calibration."),
+    "export-onnx": ("meg.split.onnx_cli:export_onnx", "Export a split's device partition to ONNX (cached)."),
+    "policy": ("meg.policy.cli:policy", "Plan split/steps/merge under limits: profile, train (CVPO, PPO), eval."),
 }
 
 

@@ -8,10 +8,12 @@ from meg.cli import LazyGroup
 
 # name -> ("module:attribute", one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "grpc": ("meg.bench.grpc:bench_grpc", "Framed-tensor gRPC streaming vs raw loopback TCP."),
     "channel": ("meg.channel.bench:bench_channel", "Symbols per second through each channel model."),
+    "codecs": ("meg.codecs.bench:bench_codecs", "Codec chains: bits/element, ratio vs fp16, PSNR, one-core MB/s."),
     "split": ("meg.split.bench:bench_split", "Per split point: bytes, FLOPs, modelled latency, torch vs ONNX."),
     "engine": ("meg.split.bench_engine:bench_engine", "Split engine: run_full and per-split edge/device wall time."),
-    "codecs": ("meg.codecs.bench:bench_codecs", "Codec chains: bits/element, ratio vs fp16, PSNR, one-core MB/s."),
+    "policy": ("meg.policy.bench:bench_policy", "Policy decide() latency: rule-based and learned planners."),
 }
 
 
