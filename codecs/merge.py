@@ -374,9 +374,9 @@ def _from_bits(bits: np.ndarray, width: int, count: int) -> np.ndarray:
 
 def pack_plan(plan: MergePlan, latent_shape: tuple[int, ...], grouping: int) -> bytes:
     """Serialise a plan with the fewest bits: see the module docstring."""
-    grid = TokenGrid.for_latent(tuple(latent_shape), grouping)
+    _, n_dst, n_src = _token_counts(tuple(latent_shape), grouping)
     r = int(plan.merged_into.shape[1])
-    use_mask, _ = _selection_bits(grid.n_src, r)
+    use_mask, _ = _selection_bits(n_src, r)
     fields = []
     if plan.dst_choice is not None:
         fields.append(_to_bits(plan.dst_choice, 2))
@@ -384,8 +384,8 @@ def pack_plan(plan: MergePlan, latent_shape: tuple[int, ...], grouping: int) -> 
         if use_mask:
             fields.append(plan.merged[b].numpy().astype(np.uint8))
         else:
-            fields.append(_to_bits(plan.merged[b].nonzero().view(-1), _bits_for(grid.n_src)))
-        fields.append(_to_bits(plan.merged_into[b], _bits_for(grid.n_dst)))
+            fields.append(_to_bits(plan.merged[b].nonzero().view(-1), _bits_for(n_src)))
+        fields.append(_to_bits(plan.merged_into[b], _bits_for(n_dst)))
     bits = np.concatenate(fields) if fields else np.zeros(0, dtype=np.uint8)
     mode = _FIXED if plan.dst_choice is None else _RANDOM
     return bytes([mode]) + np.packbits(bits, bitorder="little").tobytes()
@@ -412,7 +412,7 @@ def unpack_plan(data: bytes, latent_shape: tuple[int, ...], ratio: float, groupi
             f"{tuple(latent_shape)} at ratio {ratio!r}",
             field="codec_params",
         )
-    grid = TokenGrid.for_latent(tuple(latent_shape), grouping)
+    _, n_dst, n_src = _token_counts(tuple(latent_shape), grouping)
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, offset=1), bitorder="little")
     pos = 0
 
@@ -424,23 +424,23 @@ def unpack_plan(data: bytes, latent_shape: tuple[int, ...], ratio: float, groupi
 
     dst_choice = None
     if random_dst:
-        dst_choice = torch.from_numpy(_from_bits(take(2 * grid.n_dst), 2, grid.n_dst))
-    use_mask, _ = _selection_bits(grid.n_src, r)
+        dst_choice = torch.from_numpy(_from_bits(take(2 * n_dst), 2, n_dst))
+    use_mask, _ = _selection_bits(n_src, r)
     batch = latent_shape[0]
-    merged = torch.zeros(batch, grid.n_src, dtype=torch.bool)
+    merged = torch.zeros(batch, n_src, dtype=torch.bool)
     merged_into = torch.zeros(batch, r, dtype=torch.int64)
     for b in range(batch):
         if use_mask:
-            row = torch.from_numpy(take(grid.n_src).astype(bool))
+            row = torch.from_numpy(take(n_src).astype(bool))
         else:
-            picked = _from_bits(take(r * _bits_for(grid.n_src)), _bits_for(grid.n_src), r)
-            if r and (np.any(np.diff(picked) <= 0) or picked[-1] >= grid.n_src):
+            picked = _from_bits(take(r * _bits_for(n_src)), _bits_for(n_src), r)
+            if r and (np.any(np.diff(picked) <= 0) or picked[-1] >= n_src):
                 raise CorruptPayloadError(
                     "merge side information lists sources that are not strictly increasing "
-                    f"below {grid.n_src}",
+                    f"below {n_src}",
                     field="codec_params",
                 )
-            row = torch.zeros(grid.n_src, dtype=torch.bool)
+            row = torch.zeros(n_src, dtype=torch.bool)
             row[torch.from_numpy(picked)] = True
         if int(row.sum()) != r:
             raise CorruptPayloadError(
@@ -448,10 +448,10 @@ def unpack_plan(data: bytes, latent_shape: tuple[int, ...], ratio: float, groupi
                 field="codec_params",
             )
         merged[b] = row
-        into = _from_bits(take(r * _bits_for(grid.n_dst)), _bits_for(grid.n_dst), r)
-        if r and into.max() >= grid.n_dst:
+        into = _from_bits(take(r * _bits_for(n_dst)), _bits_for(n_dst), r)
+        if r and into.max() >= n_dst:
             raise CorruptPayloadError(
-                f"merge side information names destination {int(into.max())} of {grid.n_dst}",
+                f"merge side information names destination {int(into.max())} of {n_dst}",
                 field="codec_params",
             )
         merged_into[b] = torch.from_numpy(into)
