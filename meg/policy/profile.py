@@ -1,0 +1,155 @@
+"""Measure the distortion table: run the real split pipeline over a plan × channel grid.
+
+For every prompt, the reference is the unsplit `reference_steps`-step image. For every
+(split, steps) the edge part runs once; for the "decoder" split the final latent is then
+merged (`meg.codecs.merge.merge_latent`) at every merge ratio, sent through the analog
+feature link (`meg.channel.link.LinkEmulator`, AWGN at feature SNR = −20·log10 σ, i.e.
+noise of relative std σ on the power-normalised tokens) at every σ, unmerged and decoded
+on the device side; the "image" split sends the 8-bit image; the "device" split runs
+everything on the device. Each point records the mean and std of the MSE over prompts.
+The table also records FLOPs per partition of the profiled model and the FLOPs of the
+cost architecture (`meg.policy.flops`) that the environment's cost model uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from meg.errors import InvalidInputError
+from meg.policy.distortion import MERGED_SPLITS, NOISY_SPLITS, DistortionTable, MeasuredPoint
+from meg.policy.flops import count_architecture_flops
+
+__all__ = ["DEFAULT_PROMPTS", "ProfileConfig", "profile_distortion"]
+
+DEFAULT_PROMPTS = (
+    "a red bicycle leaning on a brick wall",
+    "a lighthouse on a cliff at sunset",
+    "a bowl of oranges on a wooden table",
+    "a snowy mountain above a blue lake",
+    "a cat sleeping on a green sofa",
+    "a city street at night in the rain",
+)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Grid and inputs of one profiling run."""
+
+    model: str = "tiny-random"
+    """Pipeline to profile (`meg.split.load_pipeline` name or local folder)."""
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    """Prompt set; MSE is averaged over it (seed = base seed + prompt index)."""
+    seed: int = 0
+    """Base seed of the generations and of the merge/channel draws."""
+    height: int = 64
+    """Profiled image height, pixels."""
+    width: int = 64
+    """Profiled image width, pixels."""
+    guidance_scale: float = 2.5
+    """Classifier-free guidance (paper: 2.5)."""
+    splits: tuple[str, ...] = ("device", "decoder", "image")
+    """Split points to measure."""
+    steps: tuple[int, ...] = (4, 6, 8, 10, 12)
+    """Total steps grid (paper: 4…12)."""
+    reference_steps: int = 12
+    """Steps of the reference image (paper: the 12-step output)."""
+    merge_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    """Merge-ratio grid for the decoder split."""
+    noise_sigmas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.32)
+    """Relative channel-noise std grid for the decoder split (paper trains on U(0.05, 0.32))."""
+    cost_architecture: str = "sdxl"
+    """Architecture whose FLOPs the cost model uses (counted on the meta device)."""
+    cost_resolutions: tuple[int, ...] = (512, 768, 1024)
+    """Square sizes to count cost FLOPs at."""
+
+
+def _quantise_8bit(image: torch.Tensor) -> torch.Tensor:
+    """What an 8-bit RGB image on the wire decodes to."""
+    return torch.round(image.clamp(0, 1) * 255.0) / 255.0
+
+
+def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
+                       on_progress: Callable[[int, int], None] | None = None) -> DistortionTable:
+    """Run the grid and return the measured table (see module docstring)."""
+    from meg.channel.link import LinkConfig, LinkEmulator
+    from meg.codecs.merge import MergedLatent, merge_latent
+    from meg.split import GenerationInputs, SplitEngine, SplitPoint, load_pipeline
+
+    if config.reference_steps < max(config.steps):
+        raise InvalidInputError(
+            f"reference_steps {config.reference_steps} is below the largest profiled steps {max(config.steps)}")
+    if not config.prompts:
+        raise InvalidInputError("profile needs at least one prompt")
+    pipeline = load_pipeline(config.model)
+    engine = SplitEngine(pipeline)
+    merge_axis = config.merge_ratios
+    sigma_axis = config.noise_sigmas
+    per_prompt = (len(config.splits) - sum(s in MERGED_SPLITS for s in config.splits)
+                  + sum(len(merge_axis) * len(sigma_axis) for s in config.splits if s in MERGED_SPLITS))
+    total = len(config.prompts) * len(config.steps) * per_prompt
+    done = 0
+    samples: dict[tuple[str, int, float, float], list[float]] = {}
+    flops: dict[str, dict[str, float]] = {}
+
+    def inputs_for(i: int, prompt: str, steps: int) -> Any:
+        return GenerationInputs(prompt=prompt, seed=config.seed + i, height=config.height, width=config.width,
+                                steps=steps, guidance_scale=config.guidance_scale)
+
+    def record(key: tuple[str, int, float, float], image: torch.Tensor, reference: torch.Tensor) -> None:
+        nonlocal done
+        samples.setdefault(key, []).append(float(torch.mean((image.float() - reference.float()) ** 2)))
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total)
+
+    with torch.inference_mode():
+        for i, prompt in enumerate(config.prompts):
+            reference = engine.run_full(inputs_for(i, prompt, config.reference_steps))
+            for steps in config.steps:
+                inputs = inputs_for(i, prompt, steps)
+                for split_name in config.splits:
+                    split = SplitPoint.parse(split_name)
+                    if i == 0:
+                        pf = engine.flops(split, inputs)
+                        flops[f"{split_name}@{steps}"] = {"edge_flops": float(pf.edge_flops),
+                                                          "device_flops": float(pf.device_flops)}
+                    crossing = engine.run_edge(inputs, split)
+                    if split_name == "image":
+                        record((split_name, steps, 0.0, 0.0), _quantise_8bit(crossing["image"]), reference)
+                        continue
+                    if split_name not in MERGED_SPLITS:
+                        record((split_name, steps, 0.0, 0.0), engine.run_device(crossing, inputs, split), reference)
+                        continue
+                    latents = crossing["latents"]
+                    for m, ratio in enumerate(merge_axis):
+                        g = torch.Generator().manual_seed(config.seed * 7919 + i * 101 + steps * 13 + m)
+                        merged = merge_latent(latents, ratio, generator=g)
+                        for k, sigma in enumerate(sigma_axis):
+                            tokens = merged.tokens
+                            if sigma > 0 and split_name in NOISY_SPLITS:
+                                link = LinkEmulator(
+                                    LinkConfig(mode="analog", snr_db=-20.0 * math.log10(sigma), fading="awgn"),
+                                    generator=torch.Generator().manual_seed(g.initial_seed() * 31 + k))
+                                tokens, _ = link.send_analog(tokens)
+                            noisy = MergedLatent(tokens=tokens, gather_index=merged.gather_index,
+                                                 latent_shape=merged.latent_shape, grouping=merged.grouping)
+                            image = engine.run_device({**crossing, "latents": noisy}, inputs, split)
+                            record((split_name, steps, float(ratio), float(sigma)), image, reference)
+
+    points = []
+    for (split_name, steps, ratio, sigma), values in sorted(samples.items()):
+        t = torch.tensor(values, dtype=torch.float64)
+        points.append(MeasuredPoint(split_name, steps, ratio, sigma, float(t.mean()),
+                                    float(t.std(unbiased=False)) if len(values) > 1 else 0.0))
+    cost = {"architecture": config.cost_architecture, "guidance_passes": 2,
+            "by_resolution": {str(r): count_architecture_flops(config.cost_architecture, r, r)  # type: ignore[arg-type]
+                              for r in config.cost_resolutions}}
+    return DistortionTable(
+        model=config.model, height=config.height, width=config.width, reference_steps=config.reference_steps,
+        prompts=tuple(config.prompts), steps=tuple(config.steps), merge_ratios=tuple(merge_axis),
+        noise_sigmas=tuple(sigma_axis), points=tuple(points), flops=flops, cost_flops=cost)

@@ -1,0 +1,141 @@
+"""The in-process `Policy` interface: Observation proto in, Plan proto out.
+
+`PolicyService` serves the same objects over gRPC. Two kinds exist: the rule-based
+planner (`rule_policy()`), and learned planners loaded from a checkpoint
+(`load_policy(path)`: CVPO, PPO-Lagrangian, unconstrained). `decide` is a feature
+computation, one small MLP forward pass and a proto construction; `meg bench policy`
+measures its latency.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from meg.errors import InvalidInputError
+from meg.policy.costs import SPLIT_CODES
+from meg.policy.env import EnvConfig, PlanSimulator, features
+from meg.v1 import generation_pb2, policy_service_pb2
+
+__all__ = ["AgentPolicy", "Policy", "RulePolicy", "load_policy", "plan_proto", "rule_policy"]
+
+_SPLIT_KIND = {
+    "device": generation_pb2.SPLIT_KIND_DEVICE,
+    "decoder": generation_pb2.SPLIT_KIND_DECODER,
+    "image": generation_pb2.SPLIT_KIND_IMAGE,
+}
+
+
+class Policy(Protocol):
+    name: str
+
+    def decide(self, observation: policy_service_pb2.Observation) -> generation_pb2.Plan: ...
+
+
+def plan_proto(split: str, steps: int, merge_ratio: float, policy: str) -> generation_pb2.Plan:
+    """A Plan message; the decoder split carries its merge ratio in the codec chain."""
+    merge = float(merge_ratio) if split == "decoder" else 0.0
+    chain = f"merge:{merge:g},fp16" if merge > 0 else "fp16"
+    return generation_pb2.Plan(
+        split=generation_pb2.SplitPoint(kind=_SPLIT_KIND[split]), steps=int(steps), merge_ratio=merge,
+        codec_chain=chain, policy=policy)
+
+
+class _Observed:
+    """Physical observation and limits read from an Observation proto."""
+
+    def __init__(self, observation: policy_service_pb2.Observation, config: EnvConfig, link_budget: Any) -> None:
+        ch = observation.channel
+        if ch.snr_db != 0.0 or not ch.distance_m:
+            self.snr_db = float(ch.snr_db)
+        else:  # only the distance was measured: path-loss SNR
+            self.snr_db = float(link_budget.snr_db(float(ch.distance_m)))
+        for name in ("previous_latency_s", "previous_energy_j"):
+            value = getattr(observation, name)
+            if not np.isfinite(value) or value < 0:
+                raise InvalidInputError(f"{name} must be finite and >= 0, got {value!r}", field=name)
+        if not np.isfinite(self.snr_db):
+            raise InvalidInputError(f"channel.snr_db must be finite, got {self.snr_db!r}", field="channel.snr_db")
+        self.previous_latency_s = float(observation.previous_latency_s)
+        self.previous_energy_j = float(observation.previous_energy_j)
+        # the cost model knows the sizes the policy was built for: use the nearest
+        pixels = float(observation.width * observation.height) or float(config.resolutions[0] ** 2)
+        sizes = np.asarray(config.resolutions, dtype=np.float64) ** 2
+        self.pixels = float(sizes[np.argmin(np.abs(np.log(sizes) - np.log(pixels)))])
+        lim = observation.limits
+        self.latency_limit_s = float(lim.latency_s) if lim.latency_s > 0 else config.latency_limit_s
+        self.energy_limit_j = float(lim.energy_j) if lim.energy_j > 0 else config.energy_limit_j
+
+
+class RulePolicy:
+    """`meg.policy.rule.RuleAgent` behind the Policy interface (uses the request's limits)."""
+
+    def __init__(self, env_config: EnvConfig = EnvConfig(), *, simulator: PlanSimulator | None = None) -> None:
+        from meg.policy.rule import RuleAgent
+
+        self.sim = simulator if simulator is not None else PlanSimulator(env_config)
+        self.agent = RuleAgent()
+        self.name = "rule"
+
+    def decide(self, observation: policy_service_pb2.Observation) -> generation_pb2.Plan:
+        o = _Observed(observation, self.sim.config, self.sim.link_budget)
+        plan, merge = self.agent.plan(self.sim, np.array([o.snr_db]), np.array([o.pixels]),
+                                      np.array([o.latency_limit_s]), np.array([o.energy_limit_j]))
+        space = self.sim.space
+        i = int(plan[0])
+        return plan_proto(SPLIT_CODES[space.split[i]], int(space.steps[i]), float(merge[0]), self.name)
+
+
+class AgentPolicy:
+    """A learned agent's actor behind the Policy interface (deterministic: the most likely plan).
+
+    The actor was trained for the limits in its environment configuration; the request's
+    limits are not an input of the network.
+    """
+
+    def __init__(self, agent: Any, env_config: EnvConfig, name: str) -> None:
+        from meg.channel.pathloss import MEG_LINK_BUDGET
+        from meg.policy.env import PlanSpace
+
+        self.agent, self.config, self.name = agent, env_config, name
+        self.space = PlanSpace.from_config(env_config)
+        self.link_budget = MEG_LINK_BUDGET
+        self.actor = agent.actor.eval()
+
+    @torch.no_grad()
+    def decide(self, observation: policy_service_pb2.Observation) -> generation_pb2.Plan:
+        o = _Observed(observation, self.config, self.link_budget)
+        x = torch.from_numpy(features(np.array(o.snr_db), np.array(o.previous_latency_s),
+                                      np.array(o.previous_energy_j), np.array(o.pixels), self.config))
+        logits, mean, _ = self.actor(x[None])
+        i = int(logits[0].argmax())
+        if self.config.merge_head == "continuous":
+            merge = float(self.config.max_merge_ratio * torch.sigmoid(mean[0]))
+        else:
+            merge = float(self.space.merge_ratio[i])
+        return plan_proto(SPLIT_CODES[self.space.split[i]], int(self.space.steps[i]), merge, self.name)
+
+
+def rule_policy(env_config: EnvConfig = EnvConfig()) -> RulePolicy:
+    return RulePolicy(env_config)
+
+
+def load_policy(checkpoint: str | Path) -> Policy:
+    """A Policy from a checkpoint folder (`meg policy train` output), or "rule"."""
+    if str(checkpoint) == "rule":
+        return rule_policy()
+    from meg.policy.checkpoint import load_checkpoint
+    from meg.policy.cvpo import CVPOAgent
+    from meg.policy.ppo_lagrangian import PPOAgent
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.algo == "cvpo":
+        agent: Any = CVPOAgent.from_checkpoint(ckpt)
+    elif ckpt.algo in ("ppo-lagrangian", "unconstrained"):
+        agent = PPOAgent.from_checkpoint(ckpt)
+    else:
+        raise InvalidInputError(f"checkpoint {str(checkpoint)!r} holds unknown algorithm {ckpt.algo!r}")
+    return AgentPolicy(agent, ckpt.env_config, ckpt.algo)
