@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meg.channel.link import LinkConfig
 from meg.codecs.chain import EncodedTensor, decode
@@ -225,6 +226,10 @@ class DeviceClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = edge_grpc.EdgeServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        # After a failure (and at first) wait for a healthy edge before calling; while calls
+        # succeed, skip that extra RPC (it would also skew round_robin's alternation).
+        self._edge_ok = False
         self._metadata = token_metadata(config.token)
         self._pipeline = pipeline
         self._engine: SplitEngine | None = None
@@ -258,9 +263,12 @@ class DeviceClient:
         answer = _EdgeAnswer()
         fallback_reason: str | None = None
         try:
-            self._wait_for_edge()
+            if not self._edge_ok:
+                self._wait_for_edge()
             self._call_edge(proto, answer, on_event)
+            self._edge_ok = True
         except _FALLBACK_ERRORS as exc:
+            self._edge_ok = False
             if not self.config.fallback:
                 raise
             fallback_reason = f"{type(exc).__name__}: {exc.message}"
@@ -313,12 +321,21 @@ class DeviceClient:
     # -- the edge call -----------------------------------------------------------------------
 
     def _wait_for_edge(self) -> None:
+        """Wait (up to `connect_timeout_s`) until round_robin has a healthy edge.
+
+        A health check with `wait_for_ready` is routed only once some edge is connected
+        and its health service reports SERVING (edges still loading are skipped).
+        """
+        check = health_pb2.HealthCheckRequest(service=EDGE_SERVICE)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.config.connect_timeout_s)
-        except grpc.FutureTimeoutError:
+            answer = self._health.Check(check, timeout=self.config.connect_timeout_s, wait_for_ready=True)
+        except grpc.RpcError as exc:
             raise UnavailableError(
-                f"no healthy edge at {', '.join(self.addresses)} within {self.config.connect_timeout_s} s"
+                f"no healthy edge at {', '.join(self.addresses)} within {self.config.connect_timeout_s} s "
+                f"({exc.code().name})"
             ) from None
+        if answer.status != health_pb2.HealthCheckResponse.SERVING:
+            raise UnavailableError(f"edge at {', '.join(self.addresses)} is not serving")
 
     def _call_edge(self, request: gen_pb.GenerationRequest, answer: _EdgeAnswer,
                    on_event: Callable[[edge_pb.GenerateResponse], None] | None) -> None:

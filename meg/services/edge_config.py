@@ -1,0 +1,64 @@
+"""Settings of the edge server: every default of `meg serve edge` lives here once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meg.channel.link import LinkConfig
+from meg.codecs.framing import MAX_CHUNK_BYTES, FramingLimits
+from meg.services.limits import ServiceLimits
+from meg.services.security import TlsConfig
+
+__all__ = ["EdgeConfig"]
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything `meg serve edge` can set; defaults live here once."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind ("0.0.0.0" for all)."""
+    port: int = 50051
+    """Port to bind; 0 picks a free one."""
+    model: str = "tiny-random"
+    """Pipeline the edge loads (`meg.split.load_pipeline` name or local folder)."""
+    workers: int = 1
+    """Threads running model work concurrently."""
+    queue_size: int = 8
+    """Admitted requests that may wait for a worker; beyond this RESOURCE_EXHAUSTED."""
+    torch_threads: int = 0
+    """`torch.set_num_threads` for the edge; 0 leaves torch's default."""
+    policy_address: str | None = None
+    """Address of a remote `PolicyService`; None uses the in-process rule-based policy."""
+    policy_timeout_s: float = 2.0
+    """Deadline of each call to the remote policy."""
+    policy_token: str | None = None
+    """Bearer token for the remote policy service."""
+    token: str | None = None
+    """Bearer token callers must present; None turns auth off."""
+    tls: TlsConfig | None = None
+    """Certificate files (with `ca_file`: mutual TLS); None serves plaintext."""
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    """Bounds on requests."""
+    uplink_limits: FramingLimits = field(
+        default_factory=lambda: FramingLimits(max_elements=1 << 24, max_encoded_bytes=64 << 20, max_params_bytes=1 << 20)
+    )
+    """Bounds on tensors a client sends up (checked before anything is allocated)."""
+    link: LinkConfig = field(default_factory=LinkConfig)
+    """Emulator defaults for channel fields the request leaves at zero."""
+    realtime: bool = False
+    """Sleep for the link's airtime instead of only accounting it."""
+    packet_payload_bytes: int = 1024
+    """Bytes per emulated link packet (each chunk is cut into such packets)."""
+    chunk_size_bytes: int = MAX_CHUNK_BYTES
+    """Largest chunk of a framed tensor."""
+    edge_profile: str = "rtx-3080-ti"
+    """Device profile the edge's compute is modelled with in the report."""
+    max_request_s: float = 300.0
+    """Deadline the edge applies when the client sets none."""
+    grace_s: float = 5.0
+    """Seconds in-flight requests get to finish on shutdown."""
+    metrics_port: int | None = None
+    """Port of a Prometheus `/metrics` endpoint; None turns it off."""
+    reflection: bool = True
+    """Serve gRPC server reflection."""
