@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from meg.codecs.merge import MergedLatent
     from meg.split.runtime import DeviceRuntime
 
-__all__ = ["GenerationInputs", "PartitionFlops", "Partitions", "SplitEngine", "TensorSpec"]
+__all__ = ["GenerationInputs", "PartitionFlops", "Partitions", "SplitEngine", "TensorSpec", "TextConditioning"]
 
 ProgressFn = Callable[[str, int, int], None]
 StopFn = Callable[[], bool]
@@ -115,6 +115,34 @@ class PartitionFlops:
 
 
 @dataclass(frozen=True)
+class TextConditioning:
+    """What the UNet is conditioned on besides the latent and the timestep.
+
+    prompt_embeds: [2B, L, E] (unconditional rows first with guidance).
+    pooled_embeds: [2B, P] SDXL pooled text projection, else None.
+    time_ids: [2B, 6] SDXL size conditioning (original h, w, crop top, left, target h, w).
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    @property
+    def added(self) -> dict[str, torch.Tensor] | None:
+        """The UNet's ``added_cond_kwargs`` (None for SD 1.x/2.x)."""
+        if self.pooled_embeds is None or self.time_ids is None:
+            return None
+        return {"text_embeds": self.pooled_embeds, "time_ids": self.time_ids}
+
+    def crossing(self) -> dict[str, torch.Tensor]:
+        """The conditioning tensors that cross a cut (size ids are rebuilt from the request)."""
+        out = {"prompt_embeds": self.prompt_embeds}
+        if self.pooled_embeds is not None:
+            out["pooled_embeds"] = self.pooled_embeds
+        return out
+
+
+@dataclass(frozen=True)
 class Partitions:
     """The two sides of one split as runnable objects and stage lists.
 
@@ -136,7 +164,8 @@ class SplitEngine:
 
     Args:
         pipeline: a diffusers pipeline with ``unet``, ``vae``, ``text_encoder``,
-            ``tokenizer`` and ``scheduler`` (SD 1.x/2.x layout, e.g. from `load_pipeline`).
+            ``tokenizer`` and ``scheduler`` (SD 1.x/2.x layout), plus ``text_encoder_2`` and
+            ``tokenizer_2`` for SDXL; e.g. from `load_pipeline`.
         device_unet: the UNet the device uses for its steps (default: the pipeline's).
         device_vae: the VAE the device decodes with (default: the pipeline's).
     """
@@ -148,16 +177,20 @@ class SplitEngine:
         device_unet: torch.nn.Module | None = None,
         device_vae: torch.nn.Module | None = None,
     ) -> None:
-        if getattr(pipeline, "text_encoder_2", None) is not None or pipeline.unet.config.addition_embed_type:
+        self.is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+        embed_type = pipeline.unet.config.addition_embed_type
+        if embed_type != ("text_time" if self.is_sdxl else None):
             raise SplitError(
-                f"{type(pipeline).__name__} needs added conditioning (SDXL layout); "
-                "the split engine supports SD 1.x/2.x-style pipelines"
+                f"{type(pipeline).__name__} with UNet addition_embed_type={embed_type!r} is not "
+                "supported; the split engine runs SD 1.x/2.x and SDXL layouts"
             )
         self.pipeline = pipeline
         self.unet = pipeline.unet
         self.vae = pipeline.vae
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
+        self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
+        self.tokenizer_2 = getattr(pipeline, "tokenizer_2", None)
         self.scheduler = pipeline.scheduler
         self.device_unet = device_unet if device_unet is not None else pipeline.unet
         self.device_vae = device_vae if device_vae is not None else pipeline.vae
@@ -235,42 +268,91 @@ class SplitEngine:
         ``device`` crosses nothing; ``decoder`` the latent; ``step:K`` the latent and the text
         embeddings; ``image`` the image; ``unet:B`` the step's input latent, the text
         embeddings, the hidden state, the time embedding and every pending skip tensor.
+        For SDXL the text embeddings include ``pooled_embeds`` [2B, P]; the size ids are
+        rebuilt from the request on the device.
         """
         self.check(inputs, split)
         latent = TensorSpec("latents", self.latent_shape(inputs), self.unet.dtype)
         batch = 2 if inputs.do_cfg else 1
-        text = TensorSpec(
-            "prompt_embeds",
-            (batch, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size),
-            self.text_encoder.dtype,
-        )
+        text = [
+            TensorSpec(
+                "prompt_embeds",
+                (batch, self.tokenizer.model_max_length, self.unet.config.cross_attention_dim),
+                self.text_encoder.dtype,
+            )
+        ]
+        if self.is_sdxl:
+            text.append(
+                TensorSpec("pooled_embeds", (batch, self.text_encoder_2.config.projection_dim), self.text_encoder_2.dtype)
+            )
         if split.kind == "device":
             return []
         if split.kind == "decoder":
             return [latent]
         if split.kind == "step":
-            return [latent, text]
+            return [latent, *text]
         if split.kind == "image":
             return [TensorSpec("image", (1, 3, inputs.height, inputs.width), torch.float32)]
         state = _state_specs(
-            _freeze(self.unet.config), latent.shape[-2:], split.index, batch, text.shape[1]
+            _freeze(self.unet.config), latent.shape[-2:], split.index, batch, text[0].shape[1]
         )
-        return [latent, text] + [TensorSpec(n, shape, self.unet.dtype) for n, (shape, _) in state.items()]
+        return [latent, *text] + [TensorSpec(n, shape, self.unet.dtype) for n, (shape, _) in state.items()]
 
     # ------------------------------------------------------------------ stages
     def encode_prompt(self, inputs: GenerationInputs) -> torch.Tensor:
         """[2B, L, E] (uncond then cond) with guidance, else [B, L, E]."""
+        return self.encode_text(inputs).prompt_embeds
+
+    def encode_text(self, inputs: GenerationInputs) -> TextConditioning:
+        """Text conditioning of the UNet, unconditional rows first with guidance.
+
+        SD: the text encoder's last hidden state. SDXL (as diffusers' SDXL pipeline): both
+        encoders' penultimate hidden states concatenated, the second encoder's pooled
+        projection, and the size conditioning; an empty negative prompt gives zero
+        unconditional embeddings when the pipeline has ``force_zeros_for_empty_prompt``.
+        """
         prompts = [inputs.negative_prompt, inputs.prompt] if inputs.do_cfg else [inputs.prompt]
+        if not self.is_sdxl:
+            with torch.no_grad():
+                return TextConditioning(self.text_encoder(self._token_ids(self.tokenizer, prompts))[0])
+        hidden, pooled = [], None
+        with torch.no_grad():
+            for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
+                if pooled is None and out[0].ndim == 2:
+                    pooled = out[0]
+                hidden.append(out.hidden_states[-2])
+        embeds = torch.cat(hidden, dim=-1)
+        if pooled is None:
+            raise SplitError("SDXL pipeline has no text encoder with a pooled projection")
+        if inputs.do_cfg and inputs.negative_prompt == "" and self.pipeline.config.get("force_zeros_for_empty_prompt"):
+            embeds[0].zero_()
+            pooled[0].zero_()
+        return self.conditioning(embeds, pooled, inputs)
+
+    def conditioning(
+        self, prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor | None, inputs: GenerationInputs
+    ) -> TextConditioning:
+        """Rebuild the conditioning from crossing tensors (SDXL size ids come from ``inputs``)."""
+        if not self.is_sdxl:
+            return TextConditioning(prompt_embeds)
+        if pooled_embeds is None:
+            raise InvalidInputError("SDXL conditioning needs 'pooled_embeds'", field="pooled_embeds")
+        # original size, crop top-left, target size: an uncropped image of the asked size
+        ids = [inputs.height, inputs.width, 0, 0, inputs.height, inputs.width]
+        time_ids = torch.tensor([ids], dtype=pooled_embeds.dtype, device=pooled_embeds.device)
+        return TextConditioning(prompt_embeds, pooled_embeds, time_ids.repeat(pooled_embeds.shape[0], 1))
+
+    def _token_ids(self, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
         with self._tokenizer_lock:
-            ids = self.tokenizer(
+            ids = tokenizer(
                 prompts,
                 padding="max_length",
-                max_length=self.tokenizer.model_max_length,
+                max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
-        with torch.no_grad():
-            return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        return ids.to(self.text_encoder.device)
 
     def new_scheduler(self, inputs: GenerationInputs, *, begin_step: int = 0) -> Any:
         """A private scheduler copy with timesteps set, positioned at ``begin_step``."""
@@ -306,9 +388,9 @@ class SplitEngine:
             kwargs["generator"] = torch.Generator("cpu").manual_seed((inputs.seed * 1_000_003 + i + 1) % 2**63)
         return scheduler.step(noise_pred, t, latents, **kwargs)[0]
 
-    def _unet_call(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def _unet_call(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         # Positional: tomesd's size hook reads args[0].
-        return unet(x, t, embeds, return_dict=False)[0]
+        return unet(x, t, cond.prompt_embeds, added_cond_kwargs=cond.added, return_dict=False)[0]
 
     def decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] UNet-space latent → [B, 3, H, W] float32 image in [0, 1]."""
@@ -324,13 +406,13 @@ class SplitEngine:
         """The unsplit generation with the pipeline's own UNet and VAE: [1, 3, H, W] in [0, 1]."""
         self.check(inputs, SplitPoint("device"))
         with torch.no_grad():
-            embeds = self.encode_prompt(inputs)
+            cond = self.encode_text(inputs)
             scheduler = self.new_scheduler(inputs)
             latents = self.initial_latents(inputs, scheduler)
             with unet_lock(self.unet):
                 for i, t in enumerate(scheduler.timesteps):
                     x = self._model_input(scheduler, latents, t, inputs)
-                    noise = self._guide(self._unet_call(self.unet, x, t, embeds), inputs)
+                    noise = self._guide(self._unet_call(self.unet, x, t, cond), inputs)
                     latents = self._scheduler_step(scheduler, noise, t, latents, i, inputs)
             return self.decode(self.vae, latents)
 
@@ -368,7 +450,7 @@ class SplitEngine:
             return {}
         with torch.no_grad():
             stop_point("before text encoding")
-            embeds = self.encode_prompt(inputs)
+            cond = self.encode_text(inputs)
             progress("text_encode", 1, 1)
             scheduler = self.new_scheduler(inputs)
             latents = self.initial_latents(inputs, scheduler)
@@ -379,20 +461,20 @@ class SplitEngine:
                 t = scheduler.timesteps[0]
                 x = self._model_input(scheduler, latents, t, inputs)
                 with self.tome.applied(tome_ratio, generator=tome_generator, latent_hw=latent_hw):
-                    state = unet_begin(self.unet, x, t, embeds)
-                    state = unet_run_blocks(self.unet, state, embeds, 0, split.index)
+                    state = unet_begin(self.unet, x, t, cond.prompt_embeds, cond.added)
+                    state = unet_run_blocks(self.unet, state, cond.prompt_embeds, 0, split.index)
                 progress("unet_blocks", split.index, len(self.unet_blocks))
-                return {"latents": latents, "prompt_embeds": embeds, **state_tensors(state)}
+                return {"latents": latents, **cond.crossing(), **state_tensors(state)}
             edge_steps = split.index if split.kind == "step" else inputs.steps
             for i, t in enumerate(scheduler.timesteps[:edge_steps]):
                 stop_point(f"before step {i + 1} of {inputs.steps}")
                 x = self._model_input(scheduler, latents, t, inputs)
                 with self.tome.applied(tome_ratio, generator=tome_generator, latent_hw=latent_hw):
-                    noise = self._unet_call(self.unet, x, t, embeds)
+                    noise = self._unet_call(self.unet, x, t, cond)
                 latents = self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, i, inputs)
                 progress("denoise", i + 1, edge_steps)
             if split.kind == "step":
-                return {"latents": latents, "prompt_embeds": embeds}
+                return {"latents": latents, **cond.crossing()}
             if split.kind == "decoder":
                 return {"latents": latents}
             stop_point("before decoding")
@@ -427,43 +509,49 @@ class SplitEngine:
                 return tensors["image"].float()
             if split.kind == "decoder":
                 return self._device_decode(tensors["latents"], runtime)
+            if runtime is not None and self.is_sdxl:
+                raise SplitError(
+                    f"split {split} runs UNet steps on the device; DeviceRuntime.unet takes no "
+                    "SDXL added conditioning, so run it without a runtime",
+                    field="split",
+                )
             if split.kind == "device":
-                embeds = self.encode_prompt(inputs)
+                cond = self.encode_text(inputs)
                 scheduler = self.new_scheduler(inputs)
                 latents = self.initial_latents(inputs, scheduler)
                 begin = 0
-            elif split.kind == "step":
-                embeds = self._to_unet(tensors["prompt_embeds"])
-                begin = split.index
+            else:
+                pooled = tensors.get("pooled_embeds")
+                cond = self.conditioning(
+                    self._to_unet(tensors["prompt_embeds"]), None if pooled is None else self._to_unet(pooled), inputs
+                )
+                begin = split.index if split.kind == "step" else 0
                 scheduler = self.new_scheduler(inputs, begin_step=begin)
                 latents = self._to_unet(tensors["latents"])
-            else:
-                embeds = self._to_unet(tensors["prompt_embeds"])
-                scheduler = self.new_scheduler(inputs)
-                latents = self._to_unet(tensors["latents"])
+            if split.kind == "unet":
                 state = state_from_tensors({k: self._to_unet(v) for k, v in tensors.items()})
-                latents = self._finish_first_step(scheduler, latents, embeds, state, split.index, inputs)
+                latents = self._finish_first_step(scheduler, latents, cond, state, split.index, inputs)
                 begin = 1
             for i in range(begin, inputs.steps):
                 t = scheduler.timesteps[i]
                 x = self._model_input(scheduler, latents, t, inputs)
                 if runtime is not None:
-                    noise = runtime.unet(x, t.reshape(1).expand(x.shape[0]), embeds)
+                    noise = runtime.unet(x, t.reshape(1).expand(x.shape[0]), cond.prompt_embeds)
                 else:
                     with unet_lock(self.device_unet):
-                        noise = self._unet_call(self.device_unet, x, t, embeds)
+                        noise = self._unet_call(self.device_unet, x, t, cond)
                 latents = self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, i, inputs)
             return self._device_decode(latents, runtime)
 
     def _finish_first_step(
-        self, scheduler: Any, latents: torch.Tensor, embeds: torch.Tensor, state: UNetState, boundary: int, inputs: GenerationInputs
+        self, scheduler: Any, latents: torch.Tensor, cond: TextConditioning, state: UNetState, boundary: int, inputs: GenerationInputs
     ) -> torch.Tensor:
         t = scheduler.timesteps[0]
         # scale_model_input also advances nothing for DDIM and initialises Euler's step
         # index; its result is not needed (the edge already ran the UNet's input side).
         self._model_input(scheduler, latents, t, inputs)
         with unet_lock(self.device_unet):
-            state = unet_run_blocks(self.device_unet, state, embeds, boundary, len(self.unet_blocks))
+            state = unet_run_blocks(self.device_unet, state, cond.prompt_embeds, boundary, len(self.unet_blocks))
             noise = unet_end(self.device_unet, state)
         return self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, 0, inputs)
 

@@ -79,22 +79,28 @@ def stage_flops(
     text_len = engine.tokenizer.model_max_length
     x = torch.zeros((batch, *latent_shape[1:]), dtype=engine.unet.dtype, device=engine.unet.device)
     embeds = torch.zeros(
-        (batch, text_len, engine.text_encoder.config.hidden_size),
+        (batch, text_len, engine.unet.config.cross_attention_dim),
         dtype=engine.unet.dtype,
         device=engine.unet.device,
     )
     t = torch.tensor(999, device=engine.unet.device)
+    pooled = None
+    if engine.text_encoder_2 is not None:
+        pooled = torch.zeros((batch, engine.text_encoder_2.config.projection_dim), dtype=engine.unet.dtype)
+    cond = engine.conditioning(embeds, pooled, inputs)
     latents = torch.zeros(latent_shape, dtype=engine.unet.dtype, device=engine.unet.device)
     tome_kwargs = {"generator": torch.Generator().manual_seed(0), "latent_hw": tuple(latent_shape[-2:])}
 
     def edge_step() -> object:
         with engine.tome.applied(tome_ratio, **tome_kwargs):
-            return engine.unet(x, t, embeds, return_dict=False)
+            return engine.unet(x, t, embeds, added_cond_kwargs=cond.added, return_dict=False)
 
     out = StageFlops(
         text=float(count_model_flops(lambda: engine.encode_prompt(inputs))),
         step_edge=float(count_model_flops(edge_step)),
-        step_dev=float(count_model_flops(lambda: engine.device_unet(x, t, embeds, return_dict=False))),
+        step_dev=float(
+            count_model_flops(lambda: engine.device_unet(x, t, embeds, added_cond_kwargs=cond.added, return_dict=False))
+        ),
         decode_edge=float(count_model_flops(lambda: engine.decode(engine.vae, latents))),
         decode_dev=float(count_model_flops(lambda: engine.decode(engine.device_vae, latents))),
     )
@@ -103,11 +109,12 @@ def stage_flops(
 
         def edge_part() -> object:
             with engine.tome.applied(tome_ratio, **tome_kwargs):
-                state = unet_begin(engine.unet, x, t, embeds)
+                state = unet_begin(engine.unet, x, t, embeds, cond.added)
                 return unet_run_blocks(engine.unet, state, embeds, 0, boundary)
 
         with torch.no_grad():
-            state = unet_run_blocks(engine.device_unet, unet_begin(engine.device_unet, x, t, embeds), embeds, 0, boundary)
+            start = unet_begin(engine.device_unet, x, t, embeds, cond.added)
+            state = unet_run_blocks(engine.device_unet, start, embeds, 0, boundary)
 
         def device_rest() -> object:
             rest = unet_run_blocks(engine.device_unet, state, embeds, boundary, n_blocks)

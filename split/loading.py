@@ -2,7 +2,8 @@
 
 Three kinds of model argument:
 
-- ``"tiny-random"``: built from configs in code (`meg.split.tiny`), seeded weights.
+- ``"tiny-random"``: built from configs in code (`meg.split.tiny`), seeded weights;
+  ``"tiny-random-xl"``: the same at the SDXL layout (two text encoders).
 - ``"meg-tiny"`` (and any other name `meg.models.registry.available()` lists): the
   project's own model family, loaded by `meg.models.registry.load_pipeline`.
 - a path to a local diffusers pipeline folder (``model_index.json`` at its root), e.g. an
@@ -25,9 +26,10 @@ from diffusers import DiffusionPipeline
 
 from meg.errors import ModelNotFoundError
 
-__all__ = ["TINY_RANDOM", "load_pipeline"]
+__all__ = ["TINY_RANDOM", "TINY_RANDOM_XL", "load_pipeline"]
 
 TINY_RANDOM = "tiny-random"
+TINY_RANDOM_XL = "tiny-random-xl"
 _REGISTRY_MODULE = "meg.models.registry"
 
 
@@ -35,7 +37,8 @@ def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.
     """Load a diffusers text-to-image pipeline (components in eval mode, on CPU).
 
     Args:
-        model: ``"tiny-random"``, a registry name such as ``"meg-tiny"``, or a local folder.
+        model: ``"tiny-random"``, ``"tiny-random-xl"``, a registry name such as
+            ``"meg-tiny"``, or a local folder.
         torch_dtype: dtype of the weights.
 
     Returns:
@@ -46,10 +49,10 @@ def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.
         ModelNotFoundError: the name is unknown, the folder is missing or incomplete, or
             the registry that serves the name is not installed.
     """
-    if model == TINY_RANDOM:
-        from meg.split.tiny import build_tiny_random_pipeline
+    if model in (TINY_RANDOM, TINY_RANDOM_XL):
+        from meg.split.tiny import build_tiny_random_pipeline, build_tiny_random_xl_pipeline
 
-        pipeline = build_tiny_random_pipeline()
+        pipeline = build_tiny_random_pipeline() if model == TINY_RANDOM else build_tiny_random_xl_pipeline()
         return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)
     path = Path(model).expanduser()
     if path.is_dir():

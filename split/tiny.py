@@ -24,10 +24,22 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-__all__ = ["TinyRandomConfig", "build_tiny_random_pipeline", "build_tiny_tokenizer"]
+__all__ = [
+    "TinyRandomConfig",
+    "build_tiny_random_pipeline",
+    "build_tiny_random_xl_pipeline",
+    "build_tiny_tokenizer",
+]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -93,6 +105,85 @@ def build_tiny_tokenizer(max_tokens: int = 77) -> CLIPTokenizer:
     return tokenizer
 
 
+def _tiny_vae(config: TinyRandomConfig) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=config.latent_sample_size * 8,
+        scaling_factor=0.18215,
+    )
+
+
+def _tiny_clip_config(config: TinyRandomConfig, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.text_width,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=config.max_tokens,
+        projection_dim=config.text_width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_random_xl_pipeline(config: TinyRandomConfig = TinyRandomConfig()) -> StableDiffusionXLPipeline:
+    """Build `tiny-random-xl`: the SDXL layout (two text encoders, pooled text and size
+    conditioning, Euler scheduler) at `tiny-random`'s sizes, with seeded weights."""
+    tokenizer = build_tiny_tokenizer(config.max_tokens)
+    c0, c1 = config.unet_channels
+    time_embed_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        unet = UNet2DConditionModel(
+            sample_size=config.latent_sample_size,
+            block_out_channels=(c0, c1),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            # SDXL concatenates both encoders' penultimate hidden states.
+            cross_attention_dim=2 * config.text_width,
+            attention_head_dim=8,
+            norm_num_groups=16,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # six size numbers (original, crop corner, target) + the pooled text embedding
+            projection_class_embeddings_input_dim=6 * time_embed_dim + config.text_width,
+        )
+        vae = _tiny_vae(config)
+        text_encoder = CLIPTextModel(_tiny_clip_config(config, tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(config, tokenizer))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tiny_tokenizer(config.max_tokens),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
 def build_tiny_random_pipeline(config: TinyRandomConfig = TinyRandomConfig()) -> StableDiffusionPipeline:
     """Build the `tiny-random` pipeline (float32, CPU, eval mode) with seeded weights."""
     tokenizer = build_tiny_tokenizer(config.max_tokens)
@@ -112,31 +203,8 @@ def build_tiny_random_pipeline(config: TinyRandomConfig = TinyRandomConfig()) ->
             attention_head_dim=8,
             norm_num_groups=16,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=config.latent_sample_size * 8,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=config.text_width,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=config.max_tokens,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        vae = _tiny_vae(config)
+        text_encoder = CLIPTextModel(_tiny_clip_config(config, tokenizer))
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

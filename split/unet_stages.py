@@ -232,8 +232,17 @@ def crossing_specs_for_config(
     sample = torch.zeros(batch, in_channels, *latent_hw, device="meta")
     text = torch.zeros(batch, text_len, unet.config.cross_attention_dim, device="meta")
     timestep = torch.zeros(batch, device="meta")
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        # SDXL: pooled text projection + six size numbers, sized from the config.
+        time_dim = unet.config.addition_time_embed_dim
+        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * time_dim
+        added = {
+            "text_embeds": torch.zeros(batch, pooled_dim, device="meta"),
+            "time_ids": torch.zeros(batch, 6, device="meta"),
+        }
     with torch.no_grad():
-        state = unet_begin(unet, sample, timestep, text)
+        state = unet_begin(unet, sample, timestep, text, added)
         state = unet_run_blocks(unet, state, text, 0, boundary)
     return {name: (tuple(t.shape), t.dtype) for name, t in state_tensors(state).items()}
 

@@ -90,6 +90,21 @@ def test_edge_identity_device_equals_unsplit(engine: SplitEngine, reference: tor
     assert float((image - reference).abs().max()) <= TOLERANCE
 
 
+def test_run_full_matches_the_diffusers_pipeline(engine: SplitEngine, reference: torch.Tensor) -> None:
+    # The loop written out in the engine is the maths of StableDiffusionPipeline.__call__.
+    image = engine.pipeline(
+        INPUTS.prompt,
+        negative_prompt=INPUTS.negative_prompt,
+        num_inference_steps=INPUTS.steps,
+        guidance_scale=INPUTS.guidance_scale,
+        height=INPUTS.height,
+        width=INPUTS.width,
+        generator=torch.Generator().manual_seed(INPUTS.seed),
+        output_type="pt",
+    ).images
+    assert float((image - reference).abs().max()) <= TOLERANCE
+
+
 def test_seed_matters(engine: SplitEngine, reference: torch.Tensor) -> None:
     other = engine.run_full(GenerationInputs(INPUTS.prompt, negative_prompt="blurry", seed=8))
     assert float((other - reference).abs().max()) > 1e-3
