@@ -81,7 +81,6 @@ class _Job:
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     uplink_bytes: int = 0
-    uplink_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -280,8 +279,9 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
 
         # Link emulators per request and direction, seeded from the request for reproducibility.
         downlink = LinkEmulator(link, generator=torch.Generator().manual_seed(inputs.seed + 1))
-        uplink = LinkEmulator(dataclasses.replace(link, mode="ideal" if link.mode == "analog" else link.mode, realtime=False),
-                              generator=torch.Generator().manual_seed(inputs.seed + 2))
+        # the uplink carries only the request (bytes): analog transmission does not apply
+        uplink_link = dataclasses.replace(link, mode="ideal" if link.mode == "analog" else link.mode, realtime=False)
+        uplink = LinkEmulator(uplink_link, generator=torch.Generator().manual_seed(inputs.seed + 2))
 
         slot = self.pool.admit()
         try:
@@ -314,7 +314,7 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
                 size = message.ByteSize()
                 # analog mode carries the values as symbols; only headers (side information) go as packets
                 if link.mode != "analog" or message.HasField("tensor_header"):
-                    report = await self._send_packets(downlink, size, link.realtime)
+                    report = await self._send_packets(downlink, size, link.mode, link.realtime)
                     airtime_s += report.airtime_s
                     link_energy_j += report.energy_j
                     retransmissions += report.retransmissions
@@ -325,7 +325,7 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
             await context.write(edge_pb.GenerateResponse(progress=gen_pb.Progress(
                 stage="send", step=tensor_id + 1, total_steps=len(output.encoded), elapsed_s=monotonic_s() - started)))
 
-        uplink_report = await self._send_packets(uplink, job.uplink_bytes, False)
+        uplink_report = await self._send_packets(uplink, job.uplink_bytes, uplink_link.mode, False)
         report = gen_pb.EdgeReport(
             request_id=job.request_id,
             plan=plan,
@@ -385,13 +385,14 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
                 job.stop.set()
                 work.cancel()
 
-    async def _send_packets(self, emulator: LinkEmulator, size_bytes: int, realtime: bool) -> Any:
+    async def _send_packets(self, emulator: LinkEmulator, size_bytes: int, mode: str, realtime: bool) -> Any:
         """Account one message on the link as packets of `packet_payload_bytes`."""
         step = self.config.packet_payload_bytes
         sizes = [min(step, size_bytes - offset) for offset in range(0, size_bytes, step)] or [0]
-        if realtime:  # the emulator sleeps for the airtime: keep that off the event loop
-            return await asyncio.to_thread(emulator.send_packets, sizes)
-        return emulator.send_packets(sizes)
+        if mode == "ideal" and not realtime:
+            return emulator.send_packets(sizes)
+        # per-packet error draws (and real-time sleeping) stay off the event loop
+        return await asyncio.to_thread(emulator.send_packets, sizes)
 
     def _edge_work(
         self,
