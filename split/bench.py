@@ -57,6 +57,8 @@ class SplitBenchConfig:
     """ONNX exporter (`meg.split.onnx_export.ExportOptions.exporter`)."""
     onnx_dir: Path | None = None
     """Export folder; default ``$MEG_CACHE_DIR/onnx/MODEL-HxW`` (content-hash cached)."""
+    splits: tuple[str, ...] = ()
+    """Split points to run (canonical text); empty: every split point of the pipeline."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,10 @@ def run_split_bench(config: SplitBenchConfig = SplitBenchConfig(), *, console: C
     from meg.devices import load_profile
     from meg.split.engine import GenerationInputs, SplitEngine
     from meg.split.loading import load_pipeline
+    from meg.split.onnx_cli import parts_for_split
     from meg.split.onnx_export import ExportOptions, export_partitions
-    from meg.split.runtime import OnnxRuntime, TorchRuntime
+    from meg.split.points import SplitPoint
+    from meg.split.runtime import DeviceRuntime, OnnxRuntime, TorchRuntime
 
     console = console or Console()
     pipeline = load_pipeline(config.model)
@@ -111,33 +115,40 @@ def run_split_bench(config: SplitBenchConfig = SplitBenchConfig(), *, console: C
     inputs = GenerationInputs(prompt=config.prompt, steps=config.steps)
     edge = load_profile(config.edge_profile)
     devices = [load_profile(name) for name in config.device_profiles]
+    points = engine.split_points(inputs.steps)
+    if config.splits:
+        points = [SplitPoint.parse(text) for text in config.splits]
+    # Export only what the chosen splits run on the device (`image` runs nothing there).
+    parts = sorted({part for p in points if p.kind != "image" for part in parts_for_split(str(p))})
     safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(config.model).name or config.model)
     onnx_dir = config.onnx_dir or _default_cache_dir() / f"{safe_model}-{inputs.height}x{inputs.width}"
-    with console.status("exporting the device partitions to ONNX"):
-        records = export_partitions(
-            out_dir=onnx_dir, height=inputs.height, width=inputs.width,
-            unet=engine.device_unet, vae=engine.device_vae, options=ExportOptions(exporter=config.exporter),  # type: ignore[arg-type]
-        )
+    records = {}
+    if parts:
+        with console.status(f"exporting the device partitions ({', '.join(parts)}) to ONNX"):
+            records = export_partitions(
+                out_dir=onnx_dir, height=inputs.height, width=inputs.width, parts=parts,
+                unet=engine.device_unet, vae=engine.device_vae, options=ExportOptions(exporter=config.exporter),  # type: ignore[arg-type]
+            )
     threads = torch.get_num_threads()
-    runtimes = {
-        "torch": TorchRuntime(engine.device_unet, engine.device_vae),
-        "onnx": OnnxRuntime(onnx_dir, intra_op_threads=threads),
-    }
+    runtimes: dict[str, DeviceRuntime] = {"torch": TorchRuntime(engine.device_unet, engine.device_vae)}
+    if parts:
+        runtimes["onnx"] = OnnxRuntime(onnx_dir, intra_op_threads=threads)
     reference = engine.run_full(inputs)
     rows: list[SplitBenchRow] = []
-    points = engine.split_points(inputs.steps)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("split points", total=len(points))
         for split in points:
             crossing = engine.run_edge(inputs, split)
             flops = engine.flops(split, inputs)
+            # `image` runs nothing on the device: both columns time the same no-op hand-over.
+            contenders = runtimes if "onnx" in runtimes else {**runtimes, "onnx": runtimes["torch"]}
             diffs = {
                 name: float((engine.run_device(crossing, inputs, split, runtime=runtime) - reference).abs().max())
-                for name, runtime in runtimes.items()
+                for name, runtime in contenders.items()
             }
             times = interleaved_median_s(
                 {name: partial(engine.run_device, crossing, inputs, split, runtime=runtime)
-                 for name, runtime in runtimes.items()},
+                 for name, runtime in contenders.items()},
                 warmup=config.warmup, repeats=config.repeats,
             )
             edge_s = edge.compute_latency_s(flops.edge_flops)
@@ -159,7 +170,7 @@ def run_split_bench(config: SplitBenchConfig = SplitBenchConfig(), *, console: C
         "inputs": {"steps": inputs.steps, "height": inputs.height, "width": inputs.width,
                    "guidance_scale": inputs.guidance_scale},
         "threads": threads,
-        "onnx_providers": list(runtimes["onnx"].providers),
+        "onnx_providers": list(runtimes["onnx"].providers) if "onnx" in runtimes else [],
         "onnx_export": {p: {"exporter": r.exporter, "export_s": r.export_s, "cached": r.cached} for p, r in records.items()},
         "edge_profile": edge.name,
         "machine": platform.processor() or platform.machine(),
@@ -197,13 +208,15 @@ _DEFAULTS = SplitBenchConfig()
 @click.option("--threads", type=int, default=None, help="Threads for torch and onnxruntime alike (default: torch's).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default=_DEFAULTS.exporter, show_default=True)
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="ONNX export folder (cached).")
+@click.option("--splits", default="", help="Comma-separated split points (default: all).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON here.")
 def bench_split(model: str, steps: int, repeats: int, warmup: int, threads: int | None, exporter: str,
-                onnx_dir: Path | None, json_path: Path | None) -> None:
+                onnx_dir: Path | None, splits: str, json_path: Path | None) -> None:
     """Per split point: crossing bytes, FLOPs, modelled latency, torch vs ONNX Runtime time."""
     if threads is not None:
         torch.set_num_threads(threads)
-    config = SplitBenchConfig(model=model, steps=steps, repeats=repeats, warmup=warmup, exporter=exporter, onnx_dir=onnx_dir)
+    config = SplitBenchConfig(model=model, steps=steps, repeats=repeats, warmup=warmup, exporter=exporter, onnx_dir=onnx_dir,
+                              splits=tuple(s.strip() for s in splits.split(",") if s.strip()))
     console = Console()
     rows, meta = run_split_bench(config, console=console)
     console.print(_render(rows, meta))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnxruntime as ort
@@ -14,6 +15,16 @@ from meg.codecs.merge import latent_to_tokens
 from meg.errors import InvalidInputError, ModelNotFoundError, UnavailableError
 from meg.split.onnx_export import export_partitions
 from meg.split.runtime import DeviceRuntime, OnnxRuntime, TorchRuntime, resolve_providers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread: the tiny models gain nothing from more, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 
 @pytest.fixture(scope="module")

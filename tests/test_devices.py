@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,16 @@ from meg.cli import cli
 from meg.devices import DeviceProfile, count_flops, list_profiles, load_profile, radio_energy_j
 from meg.devices.calibrate import CalibrationConfig, StageTiming, calibrate, fit_latency_model
 from meg.errors import InvalidInputError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread: the tiny models gain nothing from more, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 
 def test_shipped_profiles_carry_the_paper_numbers() -> None:
@@ -74,6 +85,10 @@ def test_count_flops_matches_closed_forms() -> None:
     conv = torch.nn.Conv2d(3, 4, kernel_size=3, padding=1, bias=False)
     image = torch.randn(1, 3, 10, 10)
     assert count_flops(lambda: conv(image)) == 2 * 3 * 4 * 9 * 10 * 10
+    # Attention on CPU: QK^T and AV, 2 · (2·B·H·Lq·Lk·d).
+    q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 24, 8), torch.randn(1, 2, 24, 8)
+    attention = torch.nn.functional.scaled_dot_product_attention
+    assert count_flops(lambda: attention(q, k, v)) == 2 * (2 * 1 * 2 * 16 * 24 * 8)
 
 
 def test_fit_recovers_a_known_line_and_refuses_nonsense() -> None:

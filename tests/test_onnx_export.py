@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +27,15 @@ from meg.split.runtime import OnnxRuntime, TorchRuntime
 TOL = 1e-4
 TORCHSCRIPT = ExportOptions(exporter="torchscript")
 HEIGHT = WIDTH = 64  # latent 8×8
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread: the tiny models gain nothing from more, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
