@@ -286,6 +286,30 @@ def test_device_partition_through_a_runtime(engine: SplitEngine, reference: torc
     assert float((image - reference).abs().max()) <= TOLERANCE
 
 
+def test_device_partition_through_the_torch_runtime(engine: SplitEngine, reference: torch.Tensor) -> None:
+    from meg.split.runtime import TorchRuntime
+
+    runtime = TorchRuntime(engine.device_unet, engine.device_vae)
+    for text in ("step:2", "decoder", "unet:3", "device"):
+        split = SplitPoint.parse(text)
+        image = engine.run_device(engine.run_edge(INPUTS, split), INPUTS, split, runtime=runtime)
+        assert float((image - reference).abs().max()) <= TOLERANCE, text
+
+
+def test_one_step_without_guidance_like_sd_turbo() -> None:
+    # SD-Turbo: Euler with trailing timesteps, one step, guidance off.
+    pipeline = load_pipeline("tiny-random")
+    pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
+    engine = SplitEngine(pipeline)
+    inputs = GenerationInputs("turbo", steps=1, guidance_scale=0.0)
+    reference = engine.run_full(inputs)
+    points = engine.split_points(1)
+    assert [str(p) for p in points] == ["device", "decoder", "image", "unet:1", "unet:2", "unet:3", "unet:4"]
+    for split in points:
+        image = engine.run_device(engine.run_edge(inputs, split), inputs, split)
+        assert float((image - reference).abs().max()) <= TOLERANCE, str(split)
+
+
 def test_merged_latent_crossing(engine: SplitEngine, reference: torch.Tensor) -> None:
     from meg.codecs.merge import latent_to_tokens, merge_latent, unmerge_latent
 
