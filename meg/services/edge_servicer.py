@@ -44,7 +44,12 @@ from meg.errors import (
     UnavailableError,
 )
 from meg.services.admission import WorkerPool
-from meg.services.convert import inputs_from_request, link_config_from_channel, split_from_proto
+from meg.services.convert import (
+    channel_from_link_config,
+    inputs_from_request,
+    link_config_from_channel,
+    split_from_proto,
+)
 from meg.services.edge_config import EdgeConfig
 from meg.services.limits import validate_plan, validate_request
 from meg.services.observability import ServiceMetrics, log_event, monotonic_s
@@ -335,9 +340,9 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
             downlink_airtime_s=airtime_s,
             retransmissions=retransmissions,
             feature_snr_db=output.feature_snr_db,
-            costs=self._costs(split, inputs, output, airtime_s, link_energy_j, uplink_report),
+            costs=self._costs(split, inputs, float(plan.tome_ratio), output, airtime_s, link_energy_j, uplink_report),
         )
-        report.channel.mode = _MODE_PROTO[link.mode]
+        report.channel.mode = channel_from_link_config(link).mode  # the mode actually emulated
         await context.write(edge_pb.GenerateResponse(report=report))
         return sent_bytes
 
@@ -416,6 +421,7 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         compute_s = monotonic_s() - start
         output = _EdgeOutput(encoded={}, compute_s=compute_s, encode_s=0.0)
         if link.mode == "analog":
+            # the values themselves cross as noisy symbols (before any merging or quantising)
             snr_weighted, numel = 0.0, 0
             for name, tensor in crossing.items():
                 if tensor.is_floating_point():
@@ -432,10 +438,10 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         output.encode_s = monotonic_s() - start
         return output
 
-    def _costs(self, split: SplitPoint, inputs: GenerationInputs, output: _EdgeOutput, airtime_s: float,
-               link_energy_j: float, uplink_report: Any) -> list[gen_pb.PartCost]:
+    def _costs(self, split: SplitPoint, inputs: GenerationInputs, tome_ratio: float, output: _EdgeOutput,
+               airtime_s: float, link_energy_j: float, uplink_report: Any) -> list[gen_pb.PartCost]:
         assert self.engine is not None
-        flops = self.engine.flops(split, inputs)  # cached by the engine per split and size
+        flops = self.engine.flops(split, inputs, tome_ratio=tome_ratio)  # cached by the engine
         profile = load_profile(self.config.edge_profile)
         return [
             gen_pb.PartCost(part="edge.compute", profile="this-machine", latency_s=output.compute_s,
@@ -461,13 +467,6 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         )
 
 
-_MODE_PROTO = {
-    "ideal": gen_pb.TRANSPORT_MODE_IDEAL,
-    "digital": gen_pb.TRANSPORT_MODE_DIGITAL,
-    "analog": gen_pb.TRANSPORT_MODE_ANALOG,
-}
-
-
 @contextlib.contextmanager
 def _field_prefix(prefix: str) -> Iterator[None]:
     """Qualify the `field` of a framing error with the message it came from."""
@@ -485,7 +484,7 @@ def _chain_spec(plan: gen_pb.Plan, plan_field: str) -> str:
     try:
         return parse_chain(spec).spec
     except MegError as exc:
-        exc.field = exc.field or f"{plan_field}.codec_chain"
+        exc.field = f"{plan_field}.codec_chain"
         raise
 
 
