@@ -113,6 +113,15 @@ def test_registry_names_are_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
             cls.calls.append(name)
             return tiny
 
+        @staticmethod
+        def available_none() -> list[str]:
+            return []
+
     monkeypatch.setattr(loading, "_registry", lambda: FakeRegistry)
     assert load_pipeline("meg-tiny") is tiny
-    assert FakeRegistry.calls == ["meg-tiny"]
+    # meg-tiny always goes to the registry, which names what is missing when it cannot load.
+    monkeypatch.setattr(FakeRegistry, "available", FakeRegistry.available_none)
+    assert load_pipeline("meg-tiny") is tiny
+    assert FakeRegistry.calls == ["meg-tiny", "meg-tiny"]
+    with pytest.raises(ModelNotFoundError, match="'other'"):
+        load_pipeline("other")
