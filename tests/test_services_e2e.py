@@ -454,3 +454,27 @@ def test_metrics_count_requests_errors_and_bytes(edge: RunningServer, client: De
     sent = float(re.search(r'meg_bytes_sent_total\{service="edge"\} (\S+)', text).group(1))
     assert requests >= 2 and invalid >= 1 and sent > 1000
     assert "meg_request_latency_seconds_bucket" in text
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def test_meg_generate_writes_image_and_report(edge: RunningServer, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meg.services.cli import generate
+
+    args = ["--edge", edge.address, "--prompt", PROMPT, "--token", TOKEN, "--runtime", "eager", "--split", "step:1",
+            "--steps", str(STEPS), "--codec", "fp16,zstd:3", "--distance-m", "300", "--mode", "digital",
+            "--reference", "--out", str(tmp_path)]
+    result = CliRunner().invoke(generate, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["plan"]["split"] == "step:1" and report["fallback"]["used"] is False
+    assert abs(report["channel"]["snr_db"] - (-4.4)) < 0.1  # MEG's link budget at 300 m
+    assert report["quality"]["mse_vs_reference"] < 1e-3
+    assert (tmp_path / "image.png").stat().st_size > 0
+    assert "MSE vs reference" in result.output
+
+    refused = CliRunner().invoke(generate, [*args[:6], "--width", "60", "--out", str(tmp_path)])
+    assert refused.exit_code == 2 and "width" in refused.output
