@@ -7,7 +7,9 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -64,14 +66,12 @@ def bench_engine(model: str, steps: int, size: int, repeats: int, threads: int, 
     inputs = GenerationInputs("a red cube on a blue floor", height=size, width=size, steps=steps)
     reference = engine.run_full(inputs)
     full_median, full_min = _time(lambda: engine.run_full(inputs), repeats)
-    rows = [{"split": "unsplit", "edge_s": 0.0, "device_s": full_median, "total_min_s": full_min,
+    rows: list[dict[str, Any]] = [{"split": "unsplit", "edge_s": 0.0, "device_s": full_median, "total_min_s": full_min,
              "crossing_bytes_fp16": 0, "max_abs_diff": 0.0}]
     for split in tqdm(engine.split_points(steps), desc="split points"):
         crossing = engine.run_edge(inputs, split)
-        edge_median, edge_min = _time(lambda split=split: engine.run_edge(inputs, split), repeats)
-        device_median, device_min = _time(
-            lambda split=split, crossing=crossing: engine.run_device(crossing, inputs, split), repeats
-        )
+        edge_median, edge_min = _time(partial(engine.run_edge, inputs, split), repeats)
+        device_median, device_min = _time(partial(engine.run_device, crossing, inputs, split), repeats)
         image = engine.run_device(crossing, inputs, split)
         rows.append({
             "split": str(split),

@@ -174,8 +174,8 @@ class SplitEngine:
         self,
         pipeline: Any,
         *,
-        device_unet: torch.nn.Module | None = None,
-        device_vae: torch.nn.Module | None = None,
+        device_unet: Any | None = None,
+        device_vae: Any | None = None,
     ) -> None:
         self.is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
         embed_type = pipeline.unet.config.addition_embed_type
@@ -189,8 +189,8 @@ class SplitEngine:
         self.vae = pipeline.vae
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
-        self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
-        self.tokenizer_2 = getattr(pipeline, "tokenizer_2", None)
+        self.text_encoder_2: Any = getattr(pipeline, "text_encoder_2", None)
+        self.tokenizer_2: Any = getattr(pipeline, "tokenizer_2", None)
         self.scheduler = pipeline.scheduler
         self.device_unet = device_unet if device_unet is not None else pipeline.unet
         self.device_vae = device_vae if device_vae is not None else pipeline.vae
@@ -388,11 +388,11 @@ class SplitEngine:
             kwargs["generator"] = torch.Generator("cpu").manual_seed((inputs.seed * 1_000_003 + i + 1) % 2**63)
         return scheduler.step(noise_pred, t, latents, **kwargs)[0]
 
-    def _unet_call(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+    def _unet_call(self, unet: Any, x: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         # Positional: tomesd's size hook reads args[0].
         return unet(x, t, cond.prompt_embeds, added_cond_kwargs=cond.added, return_dict=False)[0]
 
-    def decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] UNet-space latent → [B, 3, H, W] float32 image in [0, 1]."""
         z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
@@ -600,9 +600,14 @@ class SplitEngine:
         return partition_flops(self, split, inputs, tome_ratio=tome_ratio)
 
 
-@cache
+_ACCEPTS_GENERATOR: dict[type, bool] = {}
+
+
 def _accepts_generator(scheduler_type: type) -> bool:
-    return "generator" in inspect.signature(scheduler_type.step).parameters
+    if scheduler_type not in _ACCEPTS_GENERATOR:
+        step = getattr(scheduler_type, "step")  # noqa: B009 - schedulers are untyped
+        _ACCEPTS_GENERATOR[scheduler_type] = "generator" in inspect.signature(step).parameters
+    return _ACCEPTS_GENERATOR[scheduler_type]
 
 
 def _freeze(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

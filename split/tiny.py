@@ -100,7 +100,7 @@ def build_tiny_tokenizer(max_tokens: int = 77) -> CLIPTokenizer:
     English pairs. Padding uses the end-of-text token, as SD's tokenizer does.
     """
     vocab, merges = _tiny_vocab()
-    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))  # type: ignore[arg-type]
     tokenizer.model_max_length = max_tokens
     return tokenizer
 
@@ -171,7 +171,7 @@ def build_tiny_random_xl_pipeline(config: TinyRandomConfig = TinyRandomConfig())
         timestep_spacing="leading",
     )
     for module in (unet, vae, text_encoder, text_encoder_2):
-        module.eval().requires_grad_(False)
+        module.eval().requires_grad_(False)  # type: ignore[union-attr]
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -217,7 +217,7 @@ def build_tiny_random_pipeline(config: TinyRandomConfig = TinyRandomConfig()) ->
         timestep_spacing="leading",
     )
     for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
+        module.eval().requires_grad_(False)  # type: ignore[union-attr]
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

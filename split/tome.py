@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import tomesd
 import torch
@@ -145,7 +146,7 @@ class ToMeAdapter:
                 merge_mlp=c.merge_mlp,
             )
             try:
-                info = self.unet._tome_info
+                info: dict[str, Any] = self.unet._tome_info  # type: ignore[assignment]
                 if generator is not None:
                     info["args"]["generator"] = generator
                 if latent_hw is not None:

@@ -25,6 +25,9 @@ from diffusers import UNet2DConditionModel
 
 from meg.errors import SplitError
 
+# A diffusers ``UNet2DConditionModel`` (diffusers' module attributes are untyped).
+UNetModel = Any
+
 __all__ = [
     "SD15_UNET_CONFIG",
     "UNetState",
@@ -67,7 +70,7 @@ class UNetState:
     skips: tuple[torch.Tensor, ...]
 
 
-def unet_block_names(unet: UNet2DConditionModel) -> list[str]:
+def unet_block_names(unet: UNetModel) -> list[str]:
     """Names of the cuttable blocks in execution order, e.g. ``["down.0", "down.1", "mid", "up.0", "up.1"]``."""
     names = [f"down.{i}" for i in range(len(unet.down_blocks))]
     if unet.mid_block is not None:
@@ -76,7 +79,7 @@ def unet_block_names(unet: UNet2DConditionModel) -> list[str]:
     return names
 
 
-def _check_supported(unet: UNet2DConditionModel) -> None:
+def _check_supported(unet: UNetModel) -> None:
     config = unet.config
     unsupported = {
         "center_input_sample": bool(config.center_input_sample),
@@ -89,7 +92,7 @@ def _check_supported(unet: UNet2DConditionModel) -> None:
 
 
 def unet_begin(
-    unet: UNet2DConditionModel,
+    unet: UNetModel,
     sample: torch.Tensor,
     timestep: torch.Tensor | float | int,
     encoder_hidden_states: torch.Tensor,
@@ -117,13 +120,13 @@ def unet_begin(
     return UNetState(hidden=hidden, temb=emb, skips=(hidden,))
 
 
-def _needs_upsample_size(unet: UNetState | UNet2DConditionModel, latent_hw: tuple[int, int]) -> bool:
-    factor = 2**unet.num_upsamplers  # type: ignore[union-attr]
+def _needs_upsample_size(unet: UNetModel, latent_hw: tuple[int, ...]) -> bool:
+    factor = 2**unet.num_upsamplers
     return any(dim % factor != 0 for dim in latent_hw)
 
 
 def unet_run_blocks(
-    unet: UNet2DConditionModel,
+    unet: UNetModel,
     state: UNetState,
     encoder_hidden_states: torch.Tensor,
     start: int,
@@ -174,7 +177,7 @@ def unet_run_blocks(
     return replace(state, hidden=hidden, temb=temb, skips=skips)
 
 
-def unet_end(unet: UNet2DConditionModel, state: UNetState) -> torch.Tensor:
+def unet_end(unet: UNetModel, state: UNetState) -> torch.Tensor:
     """Output norm, activation and ``conv_out``: [B, C_out, h, w] noise prediction."""
     if state.skips:
         raise SplitError(f"{len(state.skips)} skip tensors still pending at the UNet output")
@@ -196,7 +199,7 @@ def state_from_tensors(tensors: Mapping[str, torch.Tensor]) -> UNetState:
     for name in ("hidden", "temb"):
         if name not in tensors:
             raise SplitError(f"crossing tensor {name!r} missing for a unet split", field=name)
-    skips = []
+    skips: list[torch.Tensor] = []
     while f"skip.{len(skips)}" in tensors:
         skips.append(tensors[f"skip.{len(skips)}"])
     return UNetState(hidden=tensors["hidden"], temb=tensors["temb"], skips=tuple(skips))
@@ -224,7 +227,7 @@ def crossing_specs_for_config(
         (float32 here; the wire size in fp16 is 2 bytes per element).
     """
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(config))
+        unet: UNetModel = UNet2DConditionModel.from_config(dict(config))
     names = unet_block_names(unet)
     if not 1 <= boundary < len(names):
         raise SplitError(f"unet boundary {boundary} needs 1 <= B < {len(names)}", field="split")
