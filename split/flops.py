@@ -71,15 +71,15 @@ def stage_flops(
     """Count every stage of ``inputs`` once (cached on the engine by shape and options)."""
     batch = 2 if inputs.do_cfg else 1
     latent_shape = engine.latent_shape(inputs)
-    key = (latent_shape, batch, float(tome_ratio), boundary)
+    base_key = (latent_shape, batch, float(tome_ratio))
     cache: dict[tuple[object, ...], StageFlops] = engine.__dict__.setdefault("_stage_flops_cache", {})
+    key = (*base_key, boundary)
     if key in cache:
         return cache[key]
 
-    text_len = engine.tokenizer.model_max_length
     x = torch.zeros((batch, *latent_shape[1:]), dtype=engine.unet.dtype, device=engine.unet.device)
     embeds = torch.zeros(
-        (batch, text_len, engine.unet.config.cross_attention_dim),
+        (batch, engine.tokenizer.model_max_length, engine.unet.config.cross_attention_dim),
         dtype=engine.unet.dtype,
         device=engine.unet.device,
     )
@@ -87,33 +87,21 @@ def stage_flops(
     pooled = None
     if engine.text_encoder_2 is not None:
         pooled = torch.zeros((batch, engine.text_encoder_2.config.projection_dim), dtype=engine.unet.dtype)
-    cond = engine.conditioning(embeds, pooled, inputs)
-    latents = torch.zeros(latent_shape, dtype=engine.unet.dtype, device=engine.unet.device)
+    added = engine.conditioning(embeds, pooled, inputs).added
     tome_kwargs = {"generator": torch.Generator().manual_seed(0), "latent_hw": tuple(latent_shape[-2:])}
 
-    def edge_step() -> object:
-        with engine.tome.applied(tome_ratio, **tome_kwargs):
-            return engine.unet(x, t, embeds, added_cond_kwargs=cond.added, return_dict=False)
-
-    out = StageFlops(
-        text=float(count_model_flops(lambda: engine.encode_prompt(inputs))),
-        step_edge=float(count_model_flops(edge_step)),
-        step_dev=float(
-            count_model_flops(lambda: engine.device_unet(x, t, embeds, added_cond_kwargs=cond.added, return_dict=False))
-        ),
-        decode_edge=float(count_model_flops(lambda: engine.decode(engine.vae, latents))),
-        decode_dev=float(count_model_flops(lambda: engine.decode(engine.device_vae, latents))),
-    )
     if boundary is not None:
+        # The whole-stage counts are shared by every boundary; only the cut step is new.
+        out = StageFlops(stage_flops(engine, inputs, tome_ratio=tome_ratio))
         n_blocks = len(unet_block_names(engine.unet))
 
         def edge_part() -> object:
             with engine.tome.applied(tome_ratio, **tome_kwargs):
-                state = unet_begin(engine.unet, x, t, embeds, cond.added)
+                state = unet_begin(engine.unet, x, t, embeds, added)
                 return unet_run_blocks(engine.unet, state, embeds, 0, boundary)
 
         with torch.no_grad():
-            start = unet_begin(engine.device_unet, x, t, embeds, cond.added)
+            start = unet_begin(engine.device_unet, x, t, embeds, added)
             state = unet_run_blocks(engine.device_unet, start, embeds, 0, boundary)
 
         def device_rest() -> object:
@@ -122,6 +110,25 @@ def stage_flops(
 
         out["part_edge"] = float(count_model_flops(edge_part))
         out["rest_dev"] = float(count_model_flops(device_rest))
+        cache[key] = out
+        return out
+
+    latents = torch.zeros(latent_shape, dtype=engine.unet.dtype, device=engine.unet.device)
+
+    def edge_step() -> object:
+        with engine.tome.applied(tome_ratio, **tome_kwargs):
+            return engine.unet(x, t, embeds, added_cond_kwargs=added, return_dict=False)
+
+    def device_step() -> object:
+        return engine.device_unet(x, t, embeds, added_cond_kwargs=added, return_dict=False)
+
+    out = StageFlops(
+        text=float(count_model_flops(lambda: engine.encode_prompt(inputs))),
+        step_edge=float(count_model_flops(edge_step)),
+        step_dev=float(count_model_flops(device_step)),
+        decode_edge=float(count_model_flops(lambda: engine.decode(engine.vae, latents))),
+        decode_dev=float(count_model_flops(lambda: engine.decode(engine.device_vae, latents))),
+    )
     cache[key] = out
     return out
 
