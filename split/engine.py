@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from meg.errors import DeadlineExceededError, InvalidInputError, SplitError
+from meg.errors import DeadlineExceededError, InvalidInputError, NonFiniteError, SplitError
 from meg.split.points import SplitPoint
 from meg.split.tome import ToMeAdapter, unet_lock
 from meg.split.unet_stages import (
@@ -500,7 +500,8 @@ class SplitEngine:
         ``device_vae``.
 
         Raises:
-            InvalidInputError: a crossing tensor is missing or has the wrong shape.
+            InvalidInputError: a crossing tensor is missing or has the wrong shape or dtype.
+            NonFiniteError: a crossing tensor holds NaN or Inf.
         """
         self.check(inputs, split)
         tensors = self._checked_crossing(crossing, inputs, split)
@@ -588,6 +589,10 @@ class SplitEngine:
                 )
             if isinstance(value, torch.Tensor) and not value.is_floating_point():
                 raise InvalidInputError(f"crossing tensor {spec.name!r} has dtype {value.dtype}", field=spec.name)
+            values = value if isinstance(value, torch.Tensor) else value.tokens
+            if not bool(torch.isfinite(values).all()):
+                # A NaN anywhere in the UNet input spreads to the whole image.
+                raise NonFiniteError(f"crossing tensor {spec.name!r} holds NaN or Inf", field=spec.name)
             out[spec.name] = value
         return out
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-from meg.errors import DeadlineExceededError, InvalidInputError, SplitError
+from meg.errors import DeadlineExceededError, InvalidInputError, NonFiniteError, SplitError
 from meg.split.engine import GenerationInputs, SplitEngine, TensorSpec
 from meg.split.loading import load_pipeline
 from meg.split.points import SplitPoint
@@ -245,6 +245,13 @@ def test_bad_crossing_is_rejected(engine: SplitEngine) -> None:
     assert info.value.field == "prompt_embeds"
     with pytest.raises(InvalidInputError, match=r"shape \(1, 4, 4, 4\)"):
         engine.run_device({**crossing, "latents": torch.zeros(1, 4, 4, 4)}, INPUTS, split)
+    with pytest.raises(InvalidInputError, match="dtype torch.int64"):
+        engine.run_device({**crossing, "latents": torch.zeros(1, 4, 8, 8, dtype=torch.int64)}, INPUTS, split)
+    poisoned = crossing["prompt_embeds"].clone()
+    poisoned[1, 3, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="'prompt_embeds'") as nan_info:
+        engine.run_device({**crossing, "prompt_embeds": poisoned}, INPUTS, split)
+    assert nan_info.value.field == "prompt_embeds"
 
 
 def test_fp16_crossing_is_accepted(engine: SplitEngine, reference: torch.Tensor) -> None:
