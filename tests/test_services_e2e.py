@@ -198,6 +198,8 @@ def _bad_cases() -> list[tuple[str, list[edge_pb.GenerateRequest], Any, grpc.Sta
         ("unknown codec", [edge_pb.GenerateRequest(start=_start(plan=make_plan("decoder", steps=2, codec_chain="gzip:9")))],
          None, invalid, r"gzip"),
         ("impossible split", [edge_pb.GenerateRequest(start=_start(plan=make_plan("unet:999", steps=2)))], None, invalid, r"unet:999"),
+        ("other model", [edge_pb.GenerateRequest(start=_start(model="sd-turbo"))], None, grpc.StatusCode.NOT_FOUND,
+         r"'sd-turbo' is not served here"),
         ("unknown profile", [edge_pb.GenerateRequest(start=_start(device_profile="toaster-9000"))], None, invalid, r"toaster-9000"),
         ("chunk first", chunk_msgs[:1], None, invalid, r"first message must be 'start'"),
         ("chunk before header", [start, *chunk_msgs[:1]], None, invalid, r"before its header"),

@@ -194,7 +194,7 @@ def _target(addresses: Sequence[str]) -> str:
 
 
 class DeviceClient:
-    """The user device's side of MEG.
+    """The user device's side of MEG; `generate` may be called from several threads at once.
 
     Args:
         addresses: edge addresses `host:port`; several are balanced round-robin, and only

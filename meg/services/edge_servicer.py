@@ -41,6 +41,7 @@ from meg.errors import (
     FramingError,
     InvalidInputError,
     MegError,
+    ModelNotFoundError,
     UnavailableError,
 )
 from meg.services.admission import WorkerPool
@@ -277,6 +278,10 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         inputs = inputs_from_request(request, int(plan.steps))
         chain = _chain_spec(plan, plan_field)
         link = dataclasses.replace(link_config_from_channel(request.channel, config.link), realtime=config.realtime)
+        if request.model and request.model != config.model:
+            raise ModelNotFoundError(
+                f"model {request.model!r} is not served here (this edge serves {config.model!r})", field="model"
+            )
         if request.device_profile:
             load_profile(request.device_profile)  # unknown names fail here, naming the profile
         self.engine.crossing(split, inputs)  # an impossible split fails here, before queueing
