@@ -409,11 +409,12 @@ class SplitEngine:
             cond = self.encode_text(inputs)
             scheduler = self.new_scheduler(inputs)
             latents = self.initial_latents(inputs, scheduler)
-            with unet_lock(self.unet):
-                for i, t in enumerate(scheduler.timesteps):
-                    x = self._model_input(scheduler, latents, t, inputs)
-                    noise = self._guide(self._unet_call(self.unet, x, t, cond), inputs)
-                    latents = self._scheduler_step(scheduler, noise, t, latents, i, inputs)
+            for i, t in enumerate(scheduler.timesteps):
+                x = self._model_input(scheduler, latents, t, inputs)
+                # Per step, like the edge: never while another request has ToMe patched in.
+                with unet_lock(self.unet):
+                    noise = self._unet_call(self.unet, x, t, cond)
+                latents = self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, i, inputs)
             return self.decode(self.vae, latents)
 
     # ------------------------------------------------------------------ edge
