@@ -17,6 +17,7 @@ import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from meg.devices.radio import radio_energy_j
 from meg.errors import InvalidInputError
@@ -109,7 +110,8 @@ class DeviceProfile:
         if missing:
             raise InvalidInputError(f"device profile {str(path)!r} lacks keys {missing}")
         try:
-            return cls(**{k: (v if k in ("name", "description") else float(v)) for k, v in data.items()})
+            values: dict[str, Any] = {k: (v if k in ("name", "description") else float(v)) for k, v in data.items()}
+            return cls(**values)
         except (TypeError, ValueError) as exc:
             if isinstance(exc, InvalidInputError):
                 raise

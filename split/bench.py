@@ -59,6 +59,9 @@ class SplitBenchConfig:
     """Export folder; default ``$MEG_CACHE_DIR/onnx/MODEL-HxW`` (content-hash cached)."""
     splits: tuple[str, ...] = ()
     """Split points to run (canonical text); empty: every split point of the pipeline."""
+    threads: int = 1
+    """Threads of torch and of onnxruntime alike. One by default: on a shared machine a
+    thread pool that spins on busy cores makes timings noise."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,17 @@ def interleaved_median_s(fns: dict[str, Callable[[], object]], *, warmup: int, r
 
 def run_split_bench(config: SplitBenchConfig = SplitBenchConfig(), *, console: Console | None = None) -> tuple[list[SplitBenchRow], dict[str, Any]]:
     """Run the benchmark; return the rows and the run's metadata (threads, exporter, …)."""
+    if config.threads < 1:
+        raise InvalidInputError(f"threads must be >= 1, got {config.threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config, console or Console())
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(config: SplitBenchConfig, console: Console) -> tuple[list[SplitBenchRow], dict[str, Any]]:
     from rich.progress import Progress
 
     from meg.devices import load_profile
@@ -109,7 +123,6 @@ def run_split_bench(config: SplitBenchConfig = SplitBenchConfig(), *, console: C
     from meg.split.points import SplitPoint
     from meg.split.runtime import DeviceRuntime, OnnxRuntime, TorchRuntime
 
-    console = console or Console()
     pipeline = load_pipeline(config.model)
     engine = SplitEngine(pipeline)
     inputs = GenerationInputs(prompt=config.prompt, steps=config.steps)
@@ -129,7 +142,7 @@ def run_split_bench(config: SplitBenchConfig = SplitBenchConfig(), *, console: C
                 out_dir=onnx_dir, height=inputs.height, width=inputs.width, parts=parts,
                 unet=engine.device_unet, vae=engine.device_vae, options=ExportOptions(exporter=config.exporter),  # type: ignore[arg-type]
             )
-    threads = torch.get_num_threads()
+    threads = config.threads
     runtimes: dict[str, DeviceRuntime] = {"torch": TorchRuntime(engine.device_unet, engine.device_vae)}
     if parts:
         runtimes["onnx"] = OnnxRuntime(onnx_dir, intra_op_threads=threads)
@@ -205,17 +218,16 @@ _DEFAULTS = SplitBenchConfig()
 @click.option("--steps", default=_DEFAULTS.steps, show_default=True, help="Denoising steps.")
 @click.option("--repeats", default=_DEFAULTS.repeats, show_default=True, help="Timed runs per runtime (median).")
 @click.option("--warmup", default=_DEFAULTS.warmup, show_default=True, help="Untimed runs per runtime.")
-@click.option("--threads", type=int, default=None, help="Threads for torch and onnxruntime alike (default: torch's).")
+@click.option("--threads", type=int, default=_DEFAULTS.threads, show_default=True, help="Threads for torch and onnxruntime alike.")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default=_DEFAULTS.exporter, show_default=True)
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="ONNX export folder (cached).")
 @click.option("--splits", default="", help="Comma-separated split points (default: all).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON here.")
-def bench_split(model: str, steps: int, repeats: int, warmup: int, threads: int | None, exporter: str,
+def bench_split(model: str, steps: int, repeats: int, warmup: int, threads: int, exporter: str,
                 onnx_dir: Path | None, splits: str, json_path: Path | None) -> None:
     """Per split point: crossing bytes, FLOPs, modelled latency, torch vs ONNX Runtime time."""
-    if threads is not None:
-        torch.set_num_threads(threads)
     config = SplitBenchConfig(model=model, steps=steps, repeats=repeats, warmup=warmup, exporter=exporter, onnx_dir=onnx_dir,
+                              threads=threads,
                               splits=tuple(s.strip() for s in splits.split(",") if s.strip()))
     console = Console()
     rows, meta = run_split_bench(config, console=console)

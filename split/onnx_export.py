@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ class DecoderGraph(nn.Module):
         grouping: latent row elements per token.
     """
 
-    def __init__(self, vae: nn.Module, latent_hw: tuple[int, int], grouping: int = 4) -> None:
+    def __init__(self, vae: Any, latent_hw: tuple[int, int], grouping: int = 4) -> None:
         super().__init__()
         height, width = latent_hw
         if height <= 0 or width <= 0 or width % grouping:
@@ -174,7 +174,7 @@ class DecoderGraph(nn.Module):
 class UNetGraph(nn.Module):
     """The UNet forward as a plain function of three tensors (one denoising evaluation)."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: Any) -> None:
         super().__init__()
         addition = getattr(unet.config, "addition_embed_type", None)
         if addition is not None:
@@ -182,7 +182,7 @@ class UNetGraph(nn.Module):
                 f"a UNet with addition_embed_type={addition!r} (e.g. SDXL) needs added conditioning "
                 "that the `unet` device partition does not take"
             )
-        self.unet = unet
+        self.unet: Any = unet
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """sample [B, C, h, w], timestep [B] float32, encoder_hidden_states [B, L, E] → noise [B, C, h, w]."""
@@ -217,7 +217,7 @@ def _example_inputs(
         gather_index = torch.randint(0, m, (2, n), generator=gen)
         gather_index[:, :m] = torch.arange(m)
         return (tokens, gather_index), *IO_NAMES["decoder"]
-    unet = graph.unet  # type: ignore[union-attr]
+    unet: Any = graph.unet
     sample = torch.randn(2, int(unet.config.in_channels), height, width, generator=gen).to(dtype)
     timestep = torch.tensor([500.0, 500.0])
     text = torch.randn(2, options.text_tokens, int(unet.config.cross_attention_dim), generator=gen).to(dtype)
@@ -353,8 +353,9 @@ def export_partitions(
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out_dir)
     records: dict[str, ExportRecord] = {}
-    for part in parts:
-        model = vae if part == "decoder" else unet
+    for part_name in parts:
+        part = cast(Part, part_name)
+        model: Any = vae if part == "decoder" else unet
         if model is None:
             raise InvalidInputError(f"exporting the {part!r} partition needs the {'vae' if part == 'decoder' else 'unet'}")
         was_training = model.training
