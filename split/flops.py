@@ -1,7 +1,7 @@
 """FLOPs of the edge and device partitions of a split, per step and per image.
 
-Each stage is counted once with ``torch.utils.flop_counter`` (`count_model_flops`:
-matmuls, convolutions and attention, 2 per multiply-accumulate) on zero tensors of the
+Each stage is counted once with ``torch.utils.flop_counter`` (`meg.devices.flops.count_flops`:
+matmuls, convolutions and attention including the CPU kernel, 2 per multiply-accumulate) on zero tensors of the
 request's shapes — FLOPs depend on shapes, not values — and the partitions are sums of
 stages:
 
@@ -23,41 +23,18 @@ ToMe ratio, so merging shows up as fewer edge FLOPs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from meg.devices.flops import count_flops
 from meg.split.points import SplitPoint
 from meg.split.unet_stages import unet_begin, unet_block_names, unet_end, unet_run_blocks
 
 if TYPE_CHECKING:
     from meg.split.engine import GenerationInputs, PartitionFlops, SplitEngine
 
-__all__ = ["StageFlops", "count_model_flops", "partition_flops", "stage_flops"]
-
-
-def _sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch's registry knows the CUDA attention kernels but not the CPU one that
-# scaled_dot_product_attention dispatches to here; without this the attention of every
-# transformer block (the largest term at high resolution) would count as zero.
-_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
-
-
-def count_model_flops(fn: Callable[[], object]) -> int:
-    """Run ``fn()`` once (no autograd) under a FLOP counter that also counts CPU attention.
-
-    Returns:
-        FLOPs (2 per multiply-accumulate) of matmuls, convolutions and attention.
-    """
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-    with torch.no_grad(), counter:
-        fn()
-    return int(counter.get_total_flops())
+__all__ = ["StageFlops", "partition_flops", "stage_flops"]
 
 
 class StageFlops(dict[str, float]):
@@ -108,8 +85,8 @@ def stage_flops(
             rest = unet_run_blocks(engine.device_unet, state, embeds, boundary, n_blocks)
             return unet_end(engine.device_unet, rest)
 
-        out["part_edge"] = float(count_model_flops(edge_part))
-        out["rest_dev"] = float(count_model_flops(device_rest))
+        out["part_edge"] = float(count_flops(edge_part))
+        out["rest_dev"] = float(count_flops(device_rest))
         cache[key] = out
         return out
 
@@ -123,11 +100,11 @@ def stage_flops(
         return engine.device_unet(x, t, embeds, added_cond_kwargs=added, return_dict=False)
 
     out = StageFlops(
-        text=float(count_model_flops(lambda: engine.encode_prompt(inputs))),
-        step_edge=float(count_model_flops(edge_step)),
-        step_dev=float(count_model_flops(device_step)),
-        decode_edge=float(count_model_flops(lambda: engine.decode(engine.vae, latents))),
-        decode_dev=float(count_model_flops(lambda: engine.decode(engine.device_vae, latents))),
+        text=float(count_flops(lambda: engine.encode_prompt(inputs))),
+        step_edge=float(count_flops(edge_step)),
+        step_dev=float(count_flops(device_step)),
+        decode_edge=float(count_flops(lambda: engine.decode(engine.vae, latents))),
+        decode_dev=float(count_flops(lambda: engine.decode(engine.device_vae, latents))),
     )
     cache[key] = out
     return out

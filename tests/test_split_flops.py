@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from meg.devices.flops import count_flops
 from meg.split.engine import GenerationInputs, SplitEngine
-from meg.split.flops import count_model_flops, stage_flops
+from meg.split.flops import stage_flops
 from meg.split.loading import load_pipeline
 from meg.split.points import SplitPoint
 
@@ -24,7 +25,7 @@ def engine() -> SplitEngine:
 def test_cpu_attention_is_counted() -> None:
     q = torch.zeros(1, 2, 77, 16)
     # QKᵀ and AV: 2 matmuls of 77×16×77 per head, 2 FLOPs per multiply-accumulate.
-    assert count_model_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * 2 * (2 * 77 * 77 * 16)
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * 2 * (2 * 77 * 77 * 16)
 
 
 def test_text_encoder_closed_form(engine: SplitEngine) -> None:
