@@ -8,6 +8,7 @@ from meg.cli import LazyGroup
 
 # name -> ("module:attribute", one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "e2e": ("meg.bench.e2e:bench_e2e", "Every split point over MEG's channels: bytes, latency, energy, quality."),
     "grpc": ("meg.bench.grpc:bench_grpc", "Framed-tensor gRPC streaming vs raw loopback TCP."),
     "channel": ("meg.channel.bench:bench_channel", "Symbols per second through each channel model."),
     "codecs": ("meg.codecs.bench:bench_codecs", "Codec chains: bits/element, ratio vs fp16, PSNR, one-core MB/s."),
