@@ -10,6 +10,7 @@ from rich.table import Table
 
 from meg.devices.calibrate import CalibrationConfig
 from meg.devices.profile import list_profiles, load_profile
+from meg.errors import MegError
 
 _DEFAULTS = CalibrationConfig()
 
@@ -39,7 +40,11 @@ def list_command() -> None:
 @click.argument("name")
 def show_command(name: str) -> None:
     """Print one profile (a shipped NAME or a PATH.toml) as TOML."""
-    click.echo(load_profile(name).to_toml(), nl=False)
+    try:
+        profile = load_profile(name)
+    except MegError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(profile.to_toml(), nl=False)
 
 
 @devices.command("calibrate")
@@ -63,14 +68,17 @@ def calibrate_command(model: str, profile_out: Path, name: str, latent_sizes: st
         sizes = tuple(int(s) for s in latent_sizes.split(",") if s.strip())
     except ValueError as exc:
         raise click.BadParameter(f"not a list of integers: {latent_sizes!r}", param_hint="--latent-sizes") from exc
-    config = CalibrationConfig(name=name, latent_sizes=sizes, repeats=repeats)
-    pipeline = load_pipeline(model)
     console = Console()
-    with console.status("timing stages") as status:
-        result = calibrate(
-            pipeline.unet, pipeline.vae, config=config,
-            on_stage=lambda t: status.update(f"timed {t.stage}: {t.latency_s * 1e3:.2f} ms"),
-        )
+    try:
+        config = CalibrationConfig(name=name, latent_sizes=sizes, repeats=repeats)
+        pipeline = load_pipeline(model)
+        with console.status("timing stages") as status:
+            result = calibrate(
+                pipeline.unet, pipeline.vae, config=config,
+                on_stage=lambda t: status.update(f"timed {t.stage}: {t.latency_s * 1e3:.2f} ms"),
+            )
+    except MegError as exc:
+        raise click.ClickException(str(exc)) from exc
     profile = result.profile
     table = Table("stage", "GFLOPs", "measured ms", "modelled ms", title=f"calibration of {profile.name} ({model})")
     for t in result.timings:

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from meg.errors import InvalidInputError
+from meg.errors import InvalidInputError, MegError
 
 __all__ = ["SplitBenchConfig", "SplitBenchRow", "bench_split", "interleaved_median_s", "run_split_bench"]
 
@@ -230,7 +230,10 @@ def bench_split(model: str, steps: int, repeats: int, warmup: int, threads: int,
                               threads=threads,
                               splits=tuple(s.strip() for s in splits.split(",") if s.strip()))
     console = Console()
-    rows, meta = run_split_bench(config, console=console)
+    try:
+        rows, meta = run_split_bench(config, console=console)
+    except MegError as exc:
+        raise click.ClickException(str(exc)) from exc
     console.print(_render(rows, meta))
     console.print(f"onnxruntime providers: {', '.join(meta['onnx_providers'])}; export: "
                   + ", ".join(f"{p} {e['exporter']} {e['export_s']:.1f} s{' (cached)' if e['cached'] else ''}"

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from meg.errors import MegError
 from meg.split.onnx_export import EXPORTERS, ExportOptions
 
 _DEFAULTS = ExportOptions()
@@ -50,17 +51,20 @@ def export_onnx(model: str, split_text: str, out_dir: Path, height: int | None, 
     from meg.split.onnx_export import export_partitions
 
     logging.basicConfig(level=logging.WARNING)
-    parts = parts_for_split(split_text)
-    pipeline = load_pipeline(model)
-    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    native = int(pipeline.unet.config.sample_size) * vae_scale
-    options = ExportOptions(exporter=exporter, opset=opset)  # type: ignore[arg-type]
     console = Console()
-    with console.status(f"exporting {', '.join(parts)}"):
-        records = export_partitions(
-            out_dir=out_dir, height=height or native, width=width or native,
-            unet=pipeline.unet, vae=pipeline.vae, parts=parts, options=options,
-        )
+    try:
+        parts = parts_for_split(split_text)
+        pipeline = load_pipeline(model)
+        vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        native = int(pipeline.unet.config.sample_size) * vae_scale
+        options = ExportOptions(exporter=exporter, opset=opset)  # type: ignore[arg-type]
+        with console.status(f"exporting {', '.join(parts)}"):
+            records = export_partitions(
+                out_dir=out_dir, height=height or native, width=width or native,
+                unet=pipeline.unet, vae=pipeline.vae, parts=parts, options=options,
+            )
+    except MegError as exc:
+        raise click.ClickException(str(exc)) from exc
     table = Table("part", "file", "exporter", "export s", "cached", "MB", title=f"ONNX export of {model} ({split_text})")
     for record in records.values():
         size = sum(p.stat().st_size for p in record.path.parent.glob(record.path.name + "*"))

@@ -113,12 +113,6 @@ def _unmerge_latent(
     return unmerge_latent(tokens, gather_index, latent_shape, grouping)
 
 
-def _latent_to_tokens(latent: torch.Tensor, grouping: int) -> torch.Tensor:
-    from meg.codecs.merge import latent_to_tokens
-
-    return latent_to_tokens(latent, grouping)
-
-
 class DecoderGraph(nn.Module):
     """The device's decode partition: tokens + gather index → image in [0, 1].
 

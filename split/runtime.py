@@ -115,7 +115,10 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, unet: nn.Module | None, vae: nn.Module, *, grouping: int = 4) -> None:
-        self._unet = UNetGraph(unet).eval() if unet is not None else None
+        # Built on first use: a decode-only device may hold a UNet (e.g. SDXL's) that the
+        # three-tensor `unet` call cannot drive.
+        self._unet_module = unet
+        self._unet: UNetGraph | None = None
         self._vae = vae
         self.grouping = grouping
         device = next(vae.parameters()).device
@@ -133,8 +136,10 @@ class TorchRuntime:
             return graph(tokens.to(dtype), gather_index).float()
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        if self._unet is None:
+        if self._unet_module is None:
             raise UnavailableError("this TorchRuntime has no UNet (it was built with unet=None)")
+        if self._unet is None:
+            self._unet = UNetGraph(self._unet_module).eval()
         with torch.inference_mode():
             return self._unet(sample, timestep, encoder_hidden_states)
 

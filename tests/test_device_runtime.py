@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnxruntime as ort
 import pytest
@@ -12,7 +13,7 @@ import torch
 from test_onnx_export import HEIGHT, TORCHSCRIPT, WIDTH, tiny_vae
 
 from meg.codecs.merge import latent_to_tokens
-from meg.errors import InvalidInputError, ModelNotFoundError, UnavailableError
+from meg.errors import InvalidInputError, ModelNotFoundError, SplitError, UnavailableError
 from meg.split.onnx_export import export_partitions
 from meg.split.runtime import DeviceRuntime, OnnxRuntime, TorchRuntime, resolve_providers
 
@@ -112,3 +113,14 @@ def test_bad_decoder_inputs_are_rejected_before_the_kernel(decoder_dir: Path) ->
         runtime.decode_latent(torch.full_like(tokens, float("nan")), identity_index(1, 16), (1, 4, 8, 8))
     with pytest.raises(InvalidInputError, match="tokens must have shape"):
         TorchRuntime(None, tiny_vae()).decode_latent(tokens[..., :8], identity_index(1, 16), (1, 4, 8, 8))
+
+
+def test_torch_runtime_decodes_with_an_sdxl_unet_but_refuses_to_drive_it() -> None:
+    sdxl_like = torch.nn.Module()
+    sdxl_like.config = SimpleNamespace(addition_embed_type="text_time")  # type: ignore[assignment]
+    vae = tiny_vae()
+    runtime = TorchRuntime(sdxl_like, vae)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert runtime.decode_latent(latent_to_tokens(latent), identity_index(1, 16), (1, 4, 8, 8)).shape == (1, 3, 64, 64)
+    with pytest.raises(SplitError, match="text_time"):
+        runtime.unet(torch.zeros(1, 4, 8, 8), torch.tensor(1), torch.zeros(1, 77, 16))

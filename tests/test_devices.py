@@ -147,5 +147,7 @@ def test_calibrate_cli_writes_a_loadable_profile(monkeypatch: pytest.MonkeyPatch
     profile = load_profile(str(out))
     assert profile.name == "lab-box"
     assert profile.efficiency == pytest.approx(0.25) and profile.overhead_s == pytest.approx(0.004)
+    unknown = CliRunner().invoke(cli, ["devices", "show", "pager-3000"])
+    assert unknown.exit_code == 1 and "'pager-3000'" in unknown.output
     listing = CliRunner().invoke(cli, ["devices", "list"])
     assert listing.exit_code == 0 and "jetson-agx-orin" in listing.output
