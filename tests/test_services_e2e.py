@@ -480,3 +480,43 @@ def test_meg_generate_writes_image_and_report(edge: RunningServer, tmp_path: Pat
 
     refused = CliRunner().invoke(generate, [*args[:6], "--width", "60", "--out", str(tmp_path)])
     assert refused.exit_code == 2 and "width" in refused.output
+
+
+class _CorruptingEdge(edge_grpc.EdgeServiceServicer):
+    """An edge that answers with a corrupted latent: the point is the device's checks."""
+
+    async def Generate(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        first = await anext(aiter(request_iterator))
+        yield edge_pb.GenerateResponse(plan=first.start.plan_override)
+        header, chunks = frame_tensor(encode(torch.zeros(1, 4, 8, 8), "none"), request_id="x", tensor_id=0,
+                                      name="latents", chunk_size_bytes=512)
+        yield edge_pb.GenerateResponse(tensor_header=header)
+        yield edge_pb.GenerateResponse(tensor_chunk=chunks[0])
+        bad = tensor_pb.TensorChunk()
+        bad.CopyFrom(chunks[1])
+        bad.data = b"\xff" * len(bad.data)
+        yield edge_pb.GenerateResponse(tensor_chunk=bad)
+        yield edge_pb.GenerateResponse(report=gen_pb.EdgeReport(request_id="x"))
+
+
+def test_device_refuses_corrupted_tensors_and_falls_back(pipeline: Any, loop: ServiceLoop, engine: SplitEngine) -> None:
+    from meg.services.transport import bind_server, enable_health_and_reflection, set_serving
+
+    async def start() -> tuple[Any, int]:
+        server, port = bind_server("127.0.0.1", 0, max_message_bytes=8 << 20)
+        edge_grpc.add_EdgeServiceServicer_to_server(_CorruptingEdge(), server)
+        health = enable_health_and_reflection(server, ["meg.v1.EdgeService"])
+        await set_serving(health, ["meg.v1.EdgeService"], True)
+        await server.start()
+        return server, port
+
+    server, port = loop.run(start())
+    try:
+        request = DeviceRequest(prompt=PROMPT, seed=2, plan=make_plan("decoder", steps=STEPS, codec_chain="none"))
+        with DeviceClient(f"127.0.0.1:{port}", ClientConfig(runtime="eager"), pipeline=pipeline) as device:
+            result = device.generate(request)
+    finally:
+        loop.run(server.stop(0))
+    assert result.report["fallback"]["used"] is True
+    assert "CRC32C" in result.report["fallback"]["reason"]
+    assert torch.equal(result.image, _reference(engine, seed=2))

@@ -259,52 +259,58 @@ class DeviceClient:
         proto = request.to_proto() if isinstance(request, DeviceRequest) else request
         if not proto.request_id:
             proto.request_id = uuid.uuid4().hex
+        engine = self._get_engine()
         started = time.perf_counter()
         answer = _EdgeAnswer()
         fallback_reason: str | None = None
+        crossing: dict[str, Any] = {}
+        decode_s = 0.0
         try:
             if not self._edge_ok:
                 self._wait_for_edge()
             self._call_edge(proto, answer, on_event)
+            assert answer.plan is not None
+            plan = answer.plan
+            decode_started = time.perf_counter()
+            try:
+                split = split_from_proto(plan.split)
+                inputs = inputs_from_request(proto, plan.steps)
+                crossing = self._decode_crossing(answer.tensors, engine, split, inputs)
+            except MegError as exc:  # the edge answered with something this device cannot use
+                raise _EdgeBroke(f"edge sent unusable data: {exc.message}", field=exc.field) from exc
+            decode_s = time.perf_counter() - decode_started
             self._edge_ok = True
         except _FALLBACK_ERRORS as exc:
             self._edge_ok = False
             if not self.config.fallback:
                 raise
             fallback_reason = f"{type(exc).__name__}: {exc.message}"
-        edge_wall_s = time.perf_counter() - started
-
-        engine = self._get_engine()
-        if fallback_reason is None:
-            assert answer.plan is not None and answer.report is not None
-            plan = answer.plan
-            split = split_from_proto(plan.split)
-        else:
             steps = answer.plan.steps if answer.plan is not None else self.config.fallback_steps
             plan = gen_pb.Plan(split=gen_pb.SplitPoint(kind=gen_pb.SPLIT_KIND_DEVICE), steps=steps,
                                codec_chain="none", policy="fallback")
             split = SplitPoint("device")
-        inputs = inputs_from_request(proto, plan.steps)
-        runtime = self._get_runtime(inputs, split)
+            inputs = inputs_from_request(proto, plan.steps)
+            crossing = {}
+        edge_wall_s = time.perf_counter() - started - decode_s
 
-        device_started = time.perf_counter()
-        crossing = self._decode_crossing(answer.tensors, engine, split, inputs) if fallback_reason is None else {}
-        decode_s = time.perf_counter() - device_started
+        setup_started = time.perf_counter()
+        runtime = self._get_runtime(inputs, split)  # exports ONNX on first use of a resolution
+        setup_s = time.perf_counter() - setup_started
         compute_started = time.perf_counter()
         image = engine.run_device(crossing, inputs, split, runtime=runtime)
         device_compute_s = time.perf_counter() - compute_started
-        wall_s = time.perf_counter() - started
+        wall_s = time.perf_counter() - started - setup_s
 
         report = self._report(proto, plan, split, inputs, answer, fallback_reason, runtime,
                               edge_wall_s=edge_wall_s, decode_s=decode_s, device_compute_s=device_compute_s,
-                              wall_s=wall_s)
+                              wall_s=wall_s, setup_s=setup_s)
         if reference:
             expected = engine.run_full(inputs)
             mse = float(torch.mean((image.float() - expected.float()) ** 2))
             report["quality"] = {
                 "reference": "unsplit generation, same seed and steps, torch",
                 "mse_vs_reference": mse,
-                "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else math.inf,
+                "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else None,  # None: identical
                 "max_abs_diff": float((image.float() - expected.float()).abs().max()),
             }
         return GenerationResult(image=image, report=report)
@@ -436,7 +442,8 @@ class DeviceClient:
 
     def _report(self, request: gen_pb.GenerationRequest, plan: gen_pb.Plan, split: SplitPoint,
                 inputs: GenerationInputs, answer: _EdgeAnswer, fallback_reason: str | None, runtime: Any, *,
-                edge_wall_s: float, decode_s: float, device_compute_s: float, wall_s: float) -> dict[str, Any]:
+                edge_wall_s: float, decode_s: float, device_compute_s: float, wall_s: float,
+                setup_s: float) -> dict[str, Any]:
         engine = self._get_engine()
         flops = engine.flops(split, inputs)
         parts: list[dict[str, Any]] = []
@@ -485,6 +492,7 @@ class DeviceClient:
                 "modelled_total": sum(p["latency_s"] for p in modelled),
                 "measured_edge_call": edge_wall_s,
                 "measured_wall": wall_s,
+                "measured_runtime_setup": setup_s,
             },
             "energy_j": {
                 "modelled_edge": sum(p["energy_j"] for p in modelled if p["part"].startswith("edge.")),
