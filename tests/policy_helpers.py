@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+
+import pytest
+import torch
 
 from meg.devices import DeviceProfile
 from meg.policy.distortion import DistortionTable, MeasuredPoint
@@ -46,3 +50,12 @@ def small_sim(**overrides: object) -> PlanSimulator:
         latency_limit_s=1.0, energy_limit_j=1000.0, fading="rayleigh", fading_correlation=0.9)
     fields.update(overrides)
     return PlanSimulator(EnvConfig(**fields), table=small_table(), edge=EDGE, device=DEVICE)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread while a test trains (spinning threads are costly on shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import scipy.optimize
 import torch
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from meg.policy.agents import EpisodeStats, Rollout, rollout
@@ -278,6 +279,14 @@ def train_cvpo(env_config: EnvConfig = EnvConfig(), config: CVPOConfig = CVPOCon
                simulator: PlanSimulator | None = None,
                on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> tuple[CVPOAgent, list[dict[str, float]]]:
     """Train MEG-CVPO; returns the agent and one row of metrics per epoch."""
+    # One BLAS thread: the E-step's small L-BFGS-B solves slow down many-fold when
+    # OpenBLAS spins extra threads on a shared CPU.
+    with threadpool_limits(1):
+        return _train(env_config, config, simulator, on_epoch)
+
+
+def _train(env_config: EnvConfig, config: CVPOConfig, simulator: PlanSimulator | None,
+           on_epoch: Callable[[int, dict[str, float]], None] | None) -> tuple[CVPOAgent, list[dict[str, float]]]:
     torch.manual_seed(config.seed)
     sim = simulator if simulator is not None else PlanSimulator(env_config)
     space = sim.space
