@@ -186,7 +186,7 @@ def calibrate(
         power_idle_w=config.power_idle_w,
         tx_power_dbm=config.tx_power_dbm,
         description=(
-            f"Calibrated on this machine ({torch.get_num_threads()} torch threads): peak_flops is the "
+            f"Calibrated on this machine (torch threads: {torch.get_num_threads()}): peak_flops is the "
             f"measured fp32 {config.matmul_size}x{config.matmul_size} matmul rate; efficiency and "
             f"overhead_s are a least-squares fit over {len(timings)} UNet/VAE stages "
             f"(residual rms {rms_s * 1e3:.2f} ms). Power values are assumptions "

@@ -59,6 +59,8 @@ class SplitBenchConfig:
     """Export folder; default ``$MEG_CACHE_DIR/onnx/MODEL-HxW`` (content-hash cached)."""
     splits: tuple[str, ...] = ()
     """Split points to run (canonical text); empty: every split point of the pipeline."""
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    """onnxruntime execution providers (a missing one is an error, see `OnnxRuntime`)."""
     threads: int = 1
     """Threads of torch and of onnxruntime alike. One by default: on a shared machine a
     thread pool that spins on busy cores makes timings noise."""
@@ -145,7 +147,7 @@ def _run(config: SplitBenchConfig, console: Console) -> tuple[list[SplitBenchRow
     threads = config.threads
     runtimes: dict[str, DeviceRuntime] = {"torch": TorchRuntime(engine.device_unet, engine.device_vae)}
     if parts:
-        runtimes["onnx"] = OnnxRuntime(onnx_dir, intra_op_threads=threads)
+        runtimes["onnx"] = OnnxRuntime(onnx_dir, providers=config.providers, intra_op_threads=threads)
     reference = engine.run_full(inputs)
     rows: list[SplitBenchRow] = []
     with Progress(console=console, transient=True) as progress:
@@ -222,12 +224,14 @@ _DEFAULTS = SplitBenchConfig()
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default=_DEFAULTS.exporter, show_default=True)
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="ONNX export folder (cached).")
 @click.option("--splits", default="", help="Comma-separated split points (default: all).")
+@click.option("--providers", default=",".join(_DEFAULTS.providers), show_default=True,
+              help="Comma-separated onnxruntime execution providers, in priority order.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write rows as JSON here.")
 def bench_split(model: str, steps: int, repeats: int, warmup: int, threads: int, exporter: str,
-                onnx_dir: Path | None, splits: str, json_path: Path | None) -> None:
+                onnx_dir: Path | None, splits: str, providers: str, json_path: Path | None) -> None:
     """Per split point: crossing bytes, FLOPs, modelled latency, torch vs ONNX Runtime time."""
     config = SplitBenchConfig(model=model, steps=steps, repeats=repeats, warmup=warmup, exporter=exporter, onnx_dir=onnx_dir,
-                              threads=threads,
+                              threads=threads, providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
                               splits=tuple(s.strip() for s in splits.split(",") if s.strip()))
     console = Console()
     try:

@@ -131,17 +131,26 @@ class TorchRuntime:
         graph = DecoderGraph(self._vae, (int(latent_shape[2]), int(latent_shape[3])), self.grouping).eval()
         if int(latent_shape[1]) != graph.latent_channels:
             raise InvalidInputError(f"latent_shape {tuple(latent_shape)!r} has {latent_shape[1]} channels; the VAE has {graph.latent_channels}")
-        dtype = next(self._vae.parameters()).dtype
-        with torch.inference_mode():
-            return graph(tokens.to(dtype), gather_index).float()
+        weight = next(self._vae.parameters())
+        # no_grad, not inference_mode: callers may update the results in place.
+        with torch.no_grad():
+            image = graph(tokens.to(weight.device, weight.dtype), gather_index.to(weight.device))
+        return image.float().cpu()
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         if self._unet_module is None:
             raise UnavailableError("this TorchRuntime has no UNet (it was built with unet=None)")
         if self._unet is None:
             self._unet = UNetGraph(self._unet_module).eval()
-        with torch.inference_mode():
-            return self._unet(sample, timestep, encoder_hidden_states)
+        # no_grad, not inference_mode: callers may update the results in place.
+        with torch.no_grad():
+            weight = next(self._unet_module.parameters())
+            noise = self._unet(
+                sample.to(weight.device, weight.dtype),
+                torch.as_tensor(timestep).to(weight.device),
+                encoder_hidden_states.to(weight.device, weight.dtype),
+            )
+        return noise.to(sample.device, sample.dtype)
 
 
 def resolve_providers(requested: Sequence[str], *, allow_fallback: bool = False) -> list[str]:
