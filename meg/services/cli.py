@@ -53,11 +53,18 @@ def serve() -> None:
 @click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
 @_tls_options
 @click.option("--realtime", is_flag=True, help="Sleep for the emulated link's airtime.")
+@click.option("--edge-profile", default=EdgeConfig.edge_profile, show_default=True,
+              help="Device profile the edge's compute is modelled with in reports.")
+@click.option("--torch-threads", type=int, default=EdgeConfig.torch_threads, show_default=True,
+              help="torch threads for model work (0: torch's default).")
+@click.option("--grace-s", type=float, default=EdgeConfig.grace_s, show_default=True,
+              help="Seconds in-flight requests get to finish on shutdown.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 def serve_edge_command(host: str, port: int, model: str, workers: int, queue_size: int, policy_address: str | None,
                        token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
-                       realtime: bool, metrics_port: int | None, log_level: str) -> None:
+                       realtime: bool, edge_profile: str, torch_threads: int, grace_s: float,
+                       metrics_port: int | None, log_level: str) -> None:
     """Run the edge server (EdgeService.Generate) until Ctrl-C, then drain."""
     from meg.services.edge import EdgeServer, serve_edge
     from meg.services.observability import configure_logging
@@ -66,7 +73,8 @@ def serve_edge_command(host: str, port: int, model: str, workers: int, queue_siz
     configure_logging(log_level)
     config = EdgeConfig(host=host, port=port, model=model, workers=workers, queue_size=queue_size,
                         policy_address=policy_address, token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
-                        realtime=realtime, metrics_port=metrics_port)
+                        realtime=realtime, edge_profile=edge_profile, torch_threads=torch_threads, grace_s=grace_s,
+                        metrics_port=metrics_port)
 
     def ready(server: EdgeServer) -> None:
         click.echo(f"edge serving {model} on {server.address}" +

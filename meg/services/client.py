@@ -46,6 +46,7 @@ from meg.services.convert import (
     split_from_proto,
 )
 from meg.services.limits import ServiceLimits
+from meg.services.rule_policy import RulePolicyConfig
 from meg.services.security import TlsConfig, channel_credentials, token_metadata
 from meg.services.status import error_from_rpc
 from meg.services.transport import channel_options
@@ -87,7 +88,7 @@ class ClientConfig:
     """Pipeline the device loads for its partition (and for falling back)."""
     fallback: bool = True
     """Generate on the device when the edge is unreachable, too slow or the stream breaks."""
-    fallback_steps: int = 4
+    fallback_steps: int = RulePolicyConfig.steps
     """Denoising steps of an on-device fallback when no plan has arrived."""
     max_message_bytes: int = ServiceLimits.max_message_bytes
     """Largest gRPC message accepted from the edge."""

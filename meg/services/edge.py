@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from grpc import aio
 
+from meg.devices import load_profile
 from meg.services.admission import WorkerPool
 from meg.services.edge_config import EdgeConfig
 from meg.services.edge_servicer import EdgeServicer, PlanSource
@@ -125,6 +126,7 @@ async def create_edge_server(
         loader: called in a worker thread after `start` to load the pipeline (default
             `load_pipeline(config.model)`); ignored when `pipeline` is given.
     """
+    load_profile(config.edge_profile)  # a wrong profile name fails here, not in every request
     server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes,
                                token=config.token, tls=config.tls)
     servicer = EdgeServicer(config, PlanSource(config, policy), ServiceMetrics("edge"))
