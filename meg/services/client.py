@@ -45,6 +45,7 @@ from meg.services.convert import (
     plan_to_dict,
     split_from_proto,
 )
+from meg.services.edge_config import EdgeConfig
 from meg.services.limits import ServiceLimits
 from meg.services.rule_policy import RulePolicyConfig
 from meg.services.security import TlsConfig, channel_credentials, token_metadata
@@ -84,8 +85,8 @@ class ClientConfig:
     """Exporter used on first use of a resolution (`meg.split.onnx_export.ExportOptions`):
     TorchScript exports the tiny decoder in seconds on a CPU where dynamo takes a minute,
     and its graphs match torch to ~1e-6 here."""
-    model: str = "tiny-random"
-    """Pipeline the device loads for its partition (and for falling back)."""
+    model: str = EdgeConfig.model
+    """Pipeline the device loads for its partition (and for falling back); the edge's default."""
     fallback: bool = True
     """Generate on the device when the edge is unreachable, too slow or the stream breaks."""
     fallback_steps: int = RulePolicyConfig.steps
