@@ -134,10 +134,14 @@ def test_lossless_ideal_link_equals_unsplit_reference(client: DeviceClient, engi
     assert report["latency_s"]["measured_wall"] > 0 and report["energy_j"]["modelled_total"] > 0
 
 
-def test_remote_policy_digital_link_and_onnxruntime(pipeline: Any, loop: ServiceLoop, engine: SplitEngine,
+def test_remote_policy_over_tls_digital_link_and_onnxruntime(pipeline: Any, loop: ServiceLoop, engine: SplitEngine,
                                                     tmp_path: Path) -> None:
-    policy = start_policy(PolicyServerConfig(port=0), loop=loop)
-    edge = start_edge(EdgeConfig(port=0, policy_address=policy.address), pipeline=pipeline, loop=loop)
+    certs = write_test_certs(tmp_path)
+    policy_tls = TlsConfig(cert_file=certs["server_cert"], key_file=certs["server_key"])
+    policy = start_policy(PolicyServerConfig(port=0, token="policy-token", tls=policy_tls), loop=loop)
+    edge_config = EdgeConfig(port=0, policy_address=policy.address, policy_token="policy-token",
+                             policy_tls=TlsConfig(ca_file=certs["ca"]))
+    edge = start_edge(edge_config, pipeline=pipeline, loop=loop)
     try:
         config = ClientConfig(runtime="onnxruntime", onnx_dir=tmp_path)
         with DeviceClient(edge.address, config, pipeline=pipeline) as device:

@@ -50,6 +50,8 @@ def serve() -> None:
 @click.option("--workers", type=int, default=EdgeConfig.workers, show_default=True, help="Threads running model work.")
 @click.option("--queue-size", type=int, default=EdgeConfig.queue_size, show_default=True, help="Waiting requests before RESOURCE_EXHAUSTED.")
 @click.option("--policy-address", default=None, help="Remote PolicyService host:port (default: in-process rules).")
+@click.option("--policy-token", default=None, help="Bearer token for the remote policy service.")
+@click.option("--policy-tls-ca", type=_PATH, default=None, help="CA certificate of a TLS policy service (PEM).")
 @click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
 @_tls_options
 @click.option("--realtime", is_flag=True, help="Sleep for the emulated link's airtime.")
@@ -62,7 +64,7 @@ def serve() -> None:
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 def serve_edge_command(host: str, port: int, model: str, workers: int, queue_size: int, policy_address: str | None,
-                       token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
+                       policy_token: str | None, policy_tls_ca: Path | None, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
                        realtime: bool, edge_profile: str, torch_threads: int, grace_s: float,
                        metrics_port: int | None, log_level: str) -> None:
     """Run the edge server (EdgeService.Generate) until Ctrl-C, then drain."""
@@ -72,7 +74,8 @@ def serve_edge_command(host: str, port: int, model: str, workers: int, queue_siz
 
     configure_logging(log_level)
     config = EdgeConfig(host=host, port=port, model=model, workers=workers, queue_size=queue_size,
-                        policy_address=policy_address, token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
+                        policy_address=policy_address, policy_token=policy_token,
+                        policy_tls=_tls(None, None, policy_tls_ca), token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
                         realtime=realtime, edge_profile=edge_profile, torch_threads=torch_threads, grace_s=grace_s,
                         metrics_port=metrics_port)
 

@@ -34,6 +34,8 @@ class EdgeConfig:
     """Deadline of each call to the remote policy."""
     policy_token: str | None = None
     """Bearer token for the remote policy service."""
+    policy_tls: TlsConfig | None = None
+    """Trust roots (and client certificate) for a TLS policy service; None: plaintext."""
     token: str | None = None
     """Bearer token callers must present; None turns auth off."""
     tls: TlsConfig | None = None

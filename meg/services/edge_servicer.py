@@ -55,7 +55,7 @@ from meg.services.edge_config import EdgeConfig
 from meg.services.limits import validate_plan, validate_request
 from meg.services.observability import ServiceMetrics, log_event, monotonic_s
 from meg.services.rule_policy import RuleBasedPolicy
-from meg.services.security import token_metadata
+from meg.services.security import channel_credentials, token_metadata
 from meg.services.status import FIELD_METADATA_KEY, error_message, error_proto, grpc_code_for
 from meg.services.transport import (
     channel_options,
@@ -118,6 +118,7 @@ class PlanSource:
         self.address = config.policy_address
         self.timeout_s = config.policy_timeout_s
         self.metadata = token_metadata(config.policy_token)
+        self.tls = config.policy_tls
         self._channel: aio.Channel | None = None
         self._stub: policy_grpc.PolicyServiceStub | None = None
         self._max_message_bytes = config.limits.max_message_bytes
@@ -126,7 +127,12 @@ class PlanSource:
         if self.address is None:
             return self.policy.decide(observation)
         if self._stub is None:
-            self._channel = aio.insecure_channel(self.address, options=channel_options(self._max_message_bytes))
+            options = channel_options(self._max_message_bytes)
+            self._channel = (
+                aio.secure_channel(self.address, channel_credentials(self.tls), options=options)
+                if self.tls is not None
+                else aio.insecure_channel(self.address, options=options)
+            )
             self._stub = policy_grpc.PolicyServiceStub(self._channel)
         try:
             response = await self._stub.Decide(
