@@ -50,6 +50,7 @@ __all__ = [
     "export_device_partitions",
     "export_partitions",
     "read_manifest",
+    "vae_scale_factor",
     "weights_digest",
 ]
 
@@ -181,6 +182,11 @@ class UNetGraph(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """sample [B, C, h, w], timestep [B] float32, encoder_hidden_states [B, L, E] → noise [B, C, h, w]."""
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """Pixels per latent element along each axis: 2 ** (VAE levels − 1)."""
+    return int(2 ** (len(vae.config.block_out_channels) - 1))
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -327,7 +333,8 @@ def export_partitions(
 
     Args:
         out_dir: folder for ``decoder.onnx``, ``unet.onnx`` and ``manifest.json``.
-        height, width: image size in pixels (the latent is ``height // 8 × width // 8``).
+        height, width: image size in pixels; the latent is smaller by the VAE's scale
+            factor (2 ** (levels − 1): 8 for SD-family VAEs).
         unet, vae: the device's models (needed for the ``unet`` / ``decoder`` parts).
         parts: which partitions to export.
         options: exporter, opset, token grouping.
@@ -340,9 +347,10 @@ def export_partitions(
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise InvalidInputError(f"parts must be a non-empty subset of {PARTS}, got {tuple(parts)!r}")
-    if height <= 0 or width <= 0 or height % 8 or width % 8:
-        raise InvalidInputError(f"height and width must be positive multiples of 8, got {height}x{width}")
-    latent_hw = (height // 8, width // 8)
+    scale = vae_scale_factor(vae) if vae is not None else 8
+    if height <= 0 or width <= 0 or height % scale or width % scale:
+        raise InvalidInputError(f"height and width must be positive multiples of {scale}, got {height}x{width}")
+    latent_hw = (height // scale, width // scale)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out_dir)

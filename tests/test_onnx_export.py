@@ -108,12 +108,22 @@ def single_level_unet() -> UNet2DConditionModel:
         ).eval()
 
 
+def two_level_vae() -> AutoencoderKL:
+    """×2 downsampling: the cheapest VAE decoder to trace with torch.export."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16,
+        ).eval()
+
+
 @pytest.mark.slow
-def test_default_auto_export_uses_dynamo_and_matches_torch(models, tmp_path: Path) -> None:
-    _, vae = models
-    unet = single_level_unet()
-    records = export_partitions(out_dir=tmp_path, height=HEIGHT, width=WIDTH, unet=unet, vae=vae)
+def test_default_auto_export_uses_dynamo_and_matches_torch(tmp_path: Path) -> None:
+    unet, vae = single_level_unet(), two_level_vae()
+    records = export_partitions(out_dir=tmp_path, height=16, width=16, unet=unet, vae=vae)
     assert {p: r.exporter for p, r in records.items()} == {"decoder": "dynamo", "unet": "dynamo"}
+    assert read_manifest(tmp_path)["parts"]["decoder"]["latent_hw"] == [8, 8]
     runtime = OnnxRuntime(tmp_path)
     gen = torch.Generator().manual_seed(7)
     sample, text = torch.randn(3, 4, 16, 8, generator=gen), torch.randn(3, 5, 16, generator=gen)
@@ -123,6 +133,7 @@ def test_default_auto_export_uses_dynamo_and_matches_torch(models, tmp_path: Pat
     merged = merge_latent(torch.randn(2, 4, 8, 8, generator=gen), 0.75, generator=gen)
     image_torch = TorchRuntime(None, vae).decode_latent(merged.tokens, merged.gather_index, merged.latent_shape)
     image_onnx = runtime.decode_latent(merged.tokens, merged.gather_index, merged.latent_shape)
+    assert image_onnx.shape == (2, 3, 16, 16)
     assert (image_onnx - image_torch).abs().max().item() <= TOL
 
 
