@@ -259,6 +259,8 @@ def _export_dynamo(
 
 def _rename_dynamic_dims(model: Any, part: Part) -> None:
     """Give the symbolic dims the names of `_dynamic_axes` (dynamo names them s0, s1 …)."""
+    from onnxscript import ir
+
     axes = _dynamic_axes(part)
     for value in [*model.graph.inputs, *model.graph.outputs]:
         if value.name not in axes or value.shape is None:
@@ -267,8 +269,6 @@ def _rename_dynamic_dims(model: Any, part: Part) -> None:
         for axis, label in axes[value.name].items():
             if not isinstance(dims[axis], int):
                 dims[axis] = label
-        from onnxscript import ir
-
         value.shape = ir.Shape(dims)
 
 
@@ -392,8 +392,11 @@ def export_partitions(
                 "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in _dynamic_axes(part).items()},
                 **meta,
             }
-            # Written after each part, so a failure later keeps the parts already done.
-            (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            # Written after each part, so a failure later keeps the parts already done; via a
+            # rename, so a reader never sees half a manifest.
+            staging = out_dir / f".{MANIFEST_NAME}.tmp"
+            staging.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            staging.replace(out_dir / MANIFEST_NAME)
         model.train(was_training)
         records[part] = record
         if on_part is not None:
