@@ -302,9 +302,13 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
 
 
 def _cache_key(part: Part, digest: str, meta: dict[str, Any], options: ExportOptions) -> str:
+    import onnx
+    import onnxscript
+
     payload = {
         "format": EXPORT_FORMAT_VERSION,
-        "torch": torch.__version__,
+        # The exporters' output changes between versions: a new one re-exports.
+        "versions": [torch.__version__, onnx.__version__, onnxscript.__version__],
         "part": part,
         "weights": digest,
         "meta": meta,

@@ -213,6 +213,8 @@ class OnnxRuntime:
         if not manifest_path.is_file():
             raise ModelNotFoundError(f"no ONNX export in {str(self.export_dir)!r} (missing {MANIFEST_NAME})")
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise InvalidInputError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
         chosen = resolve_providers(providers, allow_fallback=allow_fallback)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

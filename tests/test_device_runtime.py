@@ -56,6 +56,8 @@ def test_missing_provider_is_an_error_naming_it(decoder_dir: Path) -> None:
         OnnxRuntime(decoder_dir, providers=("TensorrtExecutionProvider", "CPUExecutionProvider"))
     with pytest.raises(InvalidInputError):
         resolve_providers(())
+    with pytest.raises(InvalidInputError, match="intra_op_threads"):
+        OnnxRuntime(decoder_dir, intra_op_threads=0)
 
 
 def test_fallback_only_when_asked_and_logged(decoder_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
