@@ -65,8 +65,8 @@ class PPOLagrangianConfig:
     """Integral gain."""
     pid_kd: float = 0.0
     """Derivative gain."""
-    cost_margin: float = 0.1
-    """Fraction of each limit kept free: target per-step cost = (1 − margin) × limit."""
+    cost_margin: float = 0.25
+    """Fraction of each limit kept free: target per-step cost = (1 − margin) × limit (as CVPO)."""
     seed: int = 0
     """Seed of networks, exploration and training episodes."""
 

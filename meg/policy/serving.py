@@ -9,6 +9,7 @@ measures its latency.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ from meg.policy.costs import SPLIT_CODES
 from meg.policy.env import EnvConfig, PlanSimulator, features
 from meg.v1 import generation_pb2, policy_service_pb2
 
-__all__ = ["AgentPolicy", "Policy", "RulePolicy", "load_policy", "plan_proto", "rule_policy"]
+__all__ = ["AgentPolicy", "Policy", "RulePolicy", "load_policy", "packaged_checkpoint", "plan_proto", "rule_policy"]
 
 _SPLIT_KIND = {
     "device": generation_pb2.SPLIT_KIND_DEVICE,
@@ -123,10 +124,18 @@ def rule_policy(env_config: EnvConfig = EnvConfig()) -> RulePolicy:
     return RulePolicy(env_config)
 
 
+def packaged_checkpoint(name: str = "cvpo") -> Path:
+    """Folder of a checkpoint shipped with the package (meg/policy/checkpoints/NAME)."""
+    return Path(str(resources.files("meg.policy") / "checkpoints" / name))
+
+
 def load_policy(checkpoint: str | Path) -> Policy:
-    """A Policy from a checkpoint folder (`meg policy train` output), or "rule"."""
+    """A Policy from a checkpoint folder (`meg policy train` output), "rule", or "cvpo"
+    (the CVPO checkpoint shipped with the package, trained on the default environment)."""
     if str(checkpoint) == "rule":
         return rule_policy()
+    if str(checkpoint) == "cvpo":
+        checkpoint = packaged_checkpoint("cvpo")
     from meg.policy.checkpoint import load_checkpoint
     from meg.policy.cvpo import CVPOAgent
     from meg.policy.ppo_lagrangian import PPOAgent
