@@ -195,21 +195,28 @@ def _run(config: SplitBenchConfig, console: Console) -> tuple[list[SplitBenchRow
     return rows, meta
 
 
-def _render(rows: list[SplitBenchRow], meta: dict[str, Any]) -> Table:
-    devices = list(rows[0].modelled_latency_s) if rows else []
-    table = Table(title=f"split points of {meta['model']} ({meta['inputs']['steps']} steps, "
-                        f"{meta['inputs']['height']}x{meta['inputs']['width']}, {meta['threads']} threads)")
-    for column in ("split", "crossing B fp16", "edge GFLOPs", "device GFLOPs", "torch ms", "onnx ms", "onnx speed-up",
-                   "max|Δ| torch", "max|Δ| onnx", *(f"model s {d}" for d in devices)):
-        table.add_column(column, justify="left" if column == "split" else "right")
+def _render(rows: list[SplitBenchRow], meta: dict[str, Any]) -> tuple[Table, Table]:
+    """Two tables that fit a terminal: measurements (max|Δ|: the larger of the torch and
+    onnx differences from the unsplit image), then modelled latencies."""
+    measured = Table(title=f"split points of {meta['model']} ({meta['inputs']['steps']} steps, "
+                           f"{meta['inputs']['height']}x{meta['inputs']['width']}, threads: {meta['threads']})")
+    measured.add_column("split", no_wrap=True)
+    for column in ("bytes fp16", "edge GFLOP", "dev GFLOP", "torch ms", "onnx ms", "speed-up", "max|Δ|"):
+        measured.add_column(column, justify="right")
     for r in rows:
-        table.add_row(
+        measured.add_row(
             r.split, f"{r.crossing_bytes_fp16:,}", f"{r.edge_gflops:.3f}", f"{r.device_gflops:.3f}",
-            f"{r.torch_s * 1e3:.2f}", f"{r.onnx_s * 1e3:.2f}", f"{r.onnx_speedup:.2f}x",
-            f"{r.max_abs_diff:.1e}", f"{r.max_abs_diff_onnx:.1e}",
-            *(f"{r.modelled_latency_s[d]:.4f}" for d in devices),
+            f"{r.torch_s * 1e3:.1f}", f"{r.onnx_s * 1e3:.1f}", f"{r.onnx_speedup:.2f}x",
+            f"{max(r.max_abs_diff, r.max_abs_diff_onnx):.0e}",
         )
-    return table
+    devices = list(rows[0].modelled_latency_s) if rows else []
+    modelled = Table(title=f"modelled compute latency, ms (edge {meta['edge_profile']} + device; no transmission)")
+    modelled.add_column("split", no_wrap=True)
+    for name in devices:
+        modelled.add_column(name, justify="right")
+    for r in rows:
+        modelled.add_row(r.split, *(f"{r.modelled_latency_s[d] * 1e3:.1f}" for d in devices))
+    return measured, modelled
 
 
 _DEFAULTS = SplitBenchConfig()
@@ -238,7 +245,8 @@ def bench_split(model: str, steps: int, repeats: int, warmup: int, threads: int,
         rows, meta = run_split_bench(config, console=console)
     except MegError as exc:
         raise click.ClickException(str(exc)) from exc
-    console.print(_render(rows, meta))
+    for table in _render(rows, meta):
+        console.print(table)
     console.print(f"onnxruntime providers: {', '.join(meta['onnx_providers'])}; export: "
                   + ", ".join(f"{p} {e['exporter']} {e['export_s']:.1f} s{' (cached)' if e['cached'] else ''}"
                               for p, e in meta["onnx_export"].items()))
