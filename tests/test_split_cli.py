@@ -47,14 +47,19 @@ def test_export_onnx_then_bench_split_on_the_cached_export(tmp_path: Path) -> No
 
     out = tmp_path / "split.json"
     result = CliRunner().invoke(cli, [
-        "bench", "split", "--model", "tiny-random", "--splits", "decoder,image", "--repeats", "1", "--warmup", "0",
+        "bench", "split", "--model", "tiny-random", "--splits", "decoder,step:3,image", "--repeats", "1", "--warmup", "0",
         "--exporter", "torchscript", "--onnx-dir", str(onnx_dir), "--json", str(out),
     ])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["meta"]["onnx_export"]["decoder"]["cached"] is True  # same weights and options as export-onnx
+    # The decoder has the weights and options export-onnx used; the UNet is new.
+    assert data["meta"]["onnx_export"]["decoder"]["cached"] is True
+    assert data["meta"]["onnx_export"]["unet"]["cached"] is False
     rows = {row["split"]: row for row in data["rows"]}
-    assert set(rows) == {"decoder", "image"}
+    assert set(rows) == {"decoder", "step:3", "image"}
+    # step:3: the device's last step runs in the ONNX UNet, then the ONNX decoder.
+    assert rows["step:3"]["max_abs_diff"] <= 1e-4 and rows["step:3"]["max_abs_diff_onnx"] <= 1e-4
+    assert rows["step:3"]["crossing_bytes_fp16"] > rows["decoder"]["crossing_bytes_fp16"]  # + the text embeddings
     decoder, image = rows["decoder"], rows["image"]
     for key in ("split", "crossing_bytes_fp16", "edge_gflops", "device_gflops", "torch_s", "onnx_s", "max_abs_diff"):
         assert key in decoder
