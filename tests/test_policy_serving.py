@@ -161,3 +161,18 @@ def test_cli_train_and_eval(tmp_path) -> None:
     assert plot_path.stat().st_size > 1000
     result = runner.invoke(cli, ["policy", "eval", "--algo", "cvpo", "--episodes", "2"])
     assert result.exit_code != 0 and "checkpoint" in str(result.exception)
+
+
+def test_shipped_cvpo_meets_its_limits_and_the_oracle_on_held_out_episodes() -> None:
+    from meg.policy.evaluate import evaluate, make_agent
+    from meg.policy.serving import packaged_checkpoint
+
+    agent, env_config = make_agent("cvpo", packaged_checkpoint("cvpo"))
+    assert env_config is not None
+    rows = {r["algo"]: r for r in evaluate({"cvpo": agent, "oracle": make_agent("oracle")[0]}, env_config,
+                                           episodes=60, seed=20_000)}
+    cvpo, oracle = rows["cvpo"], rows["oracle"]
+    assert cvpo["latency_violation_rate"] <= 0.05 and cvpo["energy_violation_rate"] <= 0.05
+    assert cvpo["mean_mse"] <= 1.15 * oracle["mean_mse"]
+    plan = load_policy("cvpo").decide(_observation(0.0, 512))
+    assert plan.policy == "cvpo" and 4 <= plan.steps <= 12
