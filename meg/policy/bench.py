@@ -6,6 +6,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,7 +33,7 @@ def bench_policy(checkpoints: tuple[Path, ...], calls: int, threads: int, json_p
             channel=generation_pb2.ChannelState(snr_db=-20.0 + 30.0 * (i % 31) / 30.0, bandwidth_hz=1e6),
             previous_latency_s=2.0, previous_energy_j=500.0, width=512 + 256 * (i % 2), height=512 + 256 * (i % 2))
         for i in range(64)]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for policy in policies:
         for o in observations[:10]:  # warm-up
             policy.decide(o)

@@ -46,7 +46,8 @@ def env_config_from_dict(data: dict[str, Any]) -> EnvConfig:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise InvalidInputError(f"environment config has unknown keys {unknown}")
-    return EnvConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return EnvConfig(**values)
 
 
 def save_checkpoint(path: Path, *, algo: str, modules: dict[str, torch.nn.Module],
@@ -64,7 +65,7 @@ def save_checkpoint(path: Path, *, algo: str, modules: dict[str, torch.nn.Module
     meta = {
         "format": FORMAT_VERSION,
         "algo": algo,
-        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else dict(config),
         "env_config": dataclasses.asdict(env_config),
         "duals": dual_lists,
         "extra": extra or {},

@@ -220,7 +220,8 @@ class CVPOAgent:
 # ---------------------------------------------------------------------------------------
 class _Replay:
     def __init__(self, capacity: int) -> None:
-        self.capacity, self.data, self.size, self.pos = capacity, {}, 0, 0
+        self.capacity, self.size, self.pos = capacity, 0, 0
+        self.data: dict[str, np.ndarray] = {}
 
     def add(self, **arrays: np.ndarray) -> None:
         n = len(next(iter(arrays.values())))

@@ -73,8 +73,8 @@ def count_architecture_flops(arch: CostArchitecture, height: int, width: int) ->
         text = torch.empty(1, 77, 2048)
         added = {"text_embeds": torch.empty(1, 1280), "time_ids": torch.empty(1, 6)}
         ids = torch.zeros(1, 77, dtype=torch.long)
-        unet_flops = _count(lambda: unet(latent, torch.tensor([1]), text, added_cond_kwargs=added))
-        vae_flops = _count(lambda: vae.decode(latent))
+        unet_flops = _count(lambda: unet(latent, torch.tensor([1]), text, added_cond_kwargs=added))  # type: ignore[operator]
+        vae_flops = _count(lambda: vae.decode(latent))  # type: ignore[attr-defined]
         text_flops = _count(lambda: (clip_l(ids), clip_g(ids)))
     return {"unet_pass_flops": float(unet_flops), "vae_decoder_flops": float(vae_flops),
             "text_encoder_flops": float(text_flops)}
