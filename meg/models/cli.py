@@ -1,0 +1,198 @@
+"""`meg train ...` and `meg eval ...`: train the meg-tiny family and measure it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from meg.models.registry import MODELS_ROOT
+
+__all__ = ["eval_group", "train"]
+
+_STAGE_ORDER = ("data", "vae", "text", "teacher", "distill", "judge", "decoder", "small")
+
+
+def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress: bool = True):
+    import torch
+
+    from meg.models.family import FamilyConfig
+    from meg.models.training import Session, TrainConfig
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    model_dir.mkdir(parents=True, exist_ok=True)
+    return Session(
+        work_dir=work_dir,
+        model_dir=model_dir,
+        family=FamilyConfig.smoke() if smoke else FamilyConfig(),
+        train=TrainConfig.smoke() if smoke else TrainConfig(),
+        device=torch.device(device),
+        progress=progress,
+    )
+
+
+def _options(fn):
+    fn = click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/meg-tiny"), show_default=True,
+                      help="Checkpoints, loss logs and loss-curve PNGs.")(fn)  # fmt: skip
+    fn = click.option("--model-dir", type=click.Path(path_type=Path), default=MODELS_ROOT / "meg-tiny", show_default=True,
+                      help="Where the trained components are written (diffusers folders).")(fn)  # fmt: skip
+    fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
+    fn = click.option("--tiny", "smoke", is_flag=True, help="Miniature models and a few steps (smoke test).")(fn)
+    fn = click.option("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default).")(fn)
+    return fn
+
+
+@click.group()
+def train() -> None:
+    """Train the meg-tiny family: data, vae, text, teacher, distill, decoder, small, judge, or all.
+
+    Every stage resumes from its checkpoint in --work-dir and reads earlier stages'
+    components from --model-dir.
+    """
+
+
+def _make_stage_command(name: str) -> click.Command:
+    @_options
+    def command(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int) -> None:
+        from meg.models.stages import run_stage
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        session = _session(work_dir, model_dir, device, smoke)
+        elapsed = run_stage(session, name)
+        click.echo(f"{name}: {elapsed:.1f} s on {session.device}; wrote {model_dir}")
+
+    command.__doc__ = f"Train stage '{name}'."
+    return click.command(name=name)(command)
+
+
+for _name in _STAGE_ORDER:
+    train.add_command(_make_stage_command(_name))
+
+
+@train.command(name="all")
+@_options
+@click.option("--skip-eval", is_flag=True, help="Do not measure the family after training.")
+@click.option("--from-stage", type=click.Choice(_STAGE_ORDER), default="data", show_default=True)
+def train_all(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, skip_eval: bool, from_stage: str) -> None:
+    """Every stage in order, then the family's measurements and model cards."""
+    from meg.models.cards import write_cards
+    from meg.models.stages import run_stage
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    session = _session(work_dir, model_dir, device, smoke)
+    t0 = time.perf_counter()
+    for name in _STAGE_ORDER[_STAGE_ORDER.index(from_stage):]:
+        elapsed = run_stage(session, name)
+        click.echo(f"{name}: {elapsed:.1f} s")
+    session.record("all", wall_s=round(time.perf_counter() - t0, 1))
+    if not skip_eval:
+        from meg.models.cards import evaluate_family
+
+        evaluate_family(model_dir, device=str(session.device), n_prompts=session.train.n_eval_prompts)
+    write_cards(model_dir)
+    click.echo(f"all stages: {time.perf_counter() - t0:.1f} s on {session.device}")
+
+
+@click.group(name="eval")
+def eval_group() -> None:
+    """Measure a model family: prompt fidelity, decoder MSE, the judge itself."""
+
+
+@eval_group.command()
+@click.option("--model", default="meg-tiny", show_default=True)
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True, help="One prompt per line.")
+@click.option("--steps", type=int, default=4, show_default=True)
+@click.option("--unet", type=click.Choice(["student", "teacher"]), default="student", show_default=True)
+@click.option("--guidance", type=float, default=None, help="Guidance scale (default: the one the UNet was trained for).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--grid", "grid_path", type=click.Path(path_type=Path), default=None, help="PNG of the first 16 images.")
+def fidelity(model: str, prompts_path: Path, steps: int, unet: str, guidance: float | None, seed: int, device: str,
+             json_path: Path | None, grid_path: Path | None) -> None:  # fmt: skip
+    """Generate one image per prompt and judge it (per-attribute accuracy, fidelity, FSD)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from meg.models.captions import unknown_words
+    from meg.models.evaluate import evaluate_fidelity, read_prompts
+
+    prompts = read_prompts(prompts_path)
+    for p in prompts:
+        if unknown := unknown_words(p):
+            click.echo(f"warning: words outside the model's vocabulary in {p!r}: {', '.join(unknown)}", err=True)
+    result = evaluate_fidelity(model, prompts, steps=steps, unet=unet, guidance_scale=guidance, seed=seed, device=device)
+    images = result.pop("_images")
+    table = Table(title=f"{model} {unet}, {steps} steps, guidance {result['guidance_scale']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("prompts", str(result["n_prompts"]))
+    table.add_row("prompt fidelity", f"{result['fidelity']:.3f}")
+    table.add_row("all attributes right", f"{result['exact']:.3f}")
+    for k, v in result["attribute_accuracy"].items():  # type: ignore[union-attr]
+        table.add_row(f"{k} accuracy", f"{v:.3f}")
+    if "fsd" in result:
+        table.add_row("FSD (generated vs rendered)", f"{result['fsd']:.2f}")
+        table.add_row("FSD (rendered vs rendered)", f"{result['fsd_real_vs_real']:.2f}")
+    Console().print(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+    if grid_path:
+        from meg.models.cards import save_grid
+
+        save_grid(images[:16], prompts[:16], grid_path)
+
+
+@eval_group.command()
+@click.argument("prompt")
+def prompt(prompt: str) -> None:
+    """How the world reads PROMPT: canonical form and unknown words."""
+    from meg.models.captions import parse_prompt
+
+    spec = parse_prompt(prompt)
+    click.echo(f"canonical: {spec.canonical()}")
+    for i, o in enumerate(spec.objects):
+        click.echo(f"object {i}: colour={o.colour} shape={o.shape} size={o.size} position={o.position}")
+    click.echo(f"background: texture={spec.texture} colour={spec.bg_colour}")
+    if spec.unknown_words:
+        click.echo(f"warning: words outside the vocabulary (the model cannot use them): {', '.join(spec.unknown_words)}", err=True)
+        sys.exit(0)
+
+
+@eval_group.command(name="judge")
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), default=MODELS_ROOT / "meg-tiny" / "prompts" / "heldout.txt")
+@click.option("--seed", type=int, default=0)
+def judge_check(prompts_path: Path, seed: int) -> None:
+    """The judge on ground-truth renders of each prompt (should score ≥ 0.95)."""
+    from meg.models.evaluate import ground_truth_fidelity, read_prompts
+
+    report = ground_truth_fidelity(read_prompts(prompts_path), seed=seed)
+    click.echo(json.dumps(report.to_dict(), indent=1))
+
+
+@eval_group.command()
+@click.option("--model", default="meg-tiny", show_default=True)
+@click.option("--ratio", type=float, default=0.5, show_default=True)
+@click.option("--sigma", type=float, default=0.1, show_default=True)
+@click.option("--n", type=int, default=128, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def decoder(model: str, ratio: float, sigma: float, n: int, device: str) -> None:
+    """Image MSE vs the clean reference after merge + noise: stock vs merge-aware decoder."""
+    from meg.models.evaluate import decoder_mse
+
+    click.echo(json.dumps(decoder_mse(model, ratio=ratio, sigma=sigma, n=n, device=device), indent=1))

@@ -1,0 +1,582 @@
+"""The training stages of meg-tiny: data → vae → text → teacher → distill → small → decoder → judge.
+
+Each stage reads what earlier stages wrote to the model folder, trains with `run_loop`
+and writes its component there as a diffusers/transformers folder (fp16 safetensors).
+
+- data: scenes + paraphrased captions (token ids, attribute labels), evaluation prompts.
+- vae: AutoencoderKL on rendered scenes (MSE + L1 + tiny KL); sets `scaling_factor`.
+- text: the CLIP text encoder learns to predict what a caption mentions (colour–shape,
+  colour–place, shape–place, size and background pairs) from its token states.
+- teacher: ε-prediction UNet on cached latents, 10% empty prompts (CFG), EMA weights.
+- distill: consistency distillation on precomputed teacher PF-ODE trajectories (DDIM,
+  CFG, on the 50-point LCM grid): the student maps any trajectory point to the
+  trajectory's end, through LCM's boundary parameterisation and with CFG at the
+  student's guidance scale inside the loss, so `LCMScheduler` sampling at 1/2/4/8 steps
+  follows the teacher. An auxiliary term keeps the unconditional branch at the teacher's.
+- small: the same distillation into the device UNet, from scratch.
+- decoder: the merge-aware decoder (MEG §1 offline distillation): latents go through
+  `meg.codecs.merge` merge → analog noise → unmerge; target: the stock decoder's image of
+  the clean latent.
+- judge: the feature network of the judge's distribution distance.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from meg.models import judge as judge_lib
+from meg.models.captions import PromptSpec, caption_scene
+from meg.models.family import (
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
+from meg.models.training import Session, ema_state, run_loop
+from meg.models.world import (
+    BACKGROUND_COLOURS,
+    OBJECT_COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Scenes,
+    WorldConfig,
+    render,
+    sample_scenes,
+)
+
+__all__ = ["STAGES", "caption_labels", "run_stage"]
+
+_COLOURS = list(OBJECT_COLOURS)
+_BG = list(BACKGROUND_COLOURS)
+# Offsets of the label groups in `caption_labels`.
+_GROUPS = {
+    "colour_shape": len(_COLOURS) * len(SHAPES),
+    "colour_place": len(_COLOURS) * len(POSITIONS),
+    "shape_place": len(SHAPES) * len(POSITIONS),
+    "colour_size": len(_COLOURS) * len(SIZES),
+    "shape_size": len(SHAPES) * len(SIZES),
+    "texture": len(TEXTURES),
+    "bg": len(_BG),
+}
+N_LABELS = sum(_GROUPS.values())
+
+
+def caption_labels(spec: PromptSpec) -> np.ndarray:
+    """Multi-hot [N_LABELS] of the attribute pairs a caption mentions (text-stage targets)."""
+    out = np.zeros(N_LABELS, np.uint8)
+    base = dict(zip(_GROUPS, np.cumsum([0, *_GROUPS.values()])[:-1], strict=True))
+    for o in spec.objects:
+        c = _COLOURS.index(o.colour) if o.colour else None
+        s = SHAPES.index(o.shape) if o.shape else None
+        p = POSITIONS.index(o.position) if o.position else None
+        z = SIZES.index(o.size) if o.size else None
+        if c is not None and s is not None:
+            out[base["colour_shape"] + c * len(SHAPES) + s] = 1
+        if c is not None and p is not None:
+            out[base["colour_place"] + c * len(POSITIONS) + p] = 1
+        if s is not None and p is not None:
+            out[base["shape_place"] + s * len(POSITIONS) + p] = 1
+        if c is not None and z is not None:
+            out[base["colour_size"] + c * len(SIZES) + z] = 1
+        if s is not None and z is not None:
+            out[base["shape_size"] + s * len(SIZES) + z] = 1
+    if spec.texture:
+        out[base["texture"] + TEXTURES.index(spec.texture)] = 1
+    if spec.bg_colour:
+        out[base["bg"] + _BG.index(spec.bg_colour)] = 1
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _save(module: torch.nn.Module, path: Path) -> None:
+    """save_pretrained in fp16 safetensors (halves the shipped size), module left unchanged."""
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.to(torch.float16)
+    module.save_pretrained(path, safe_serialization=True)  # type: ignore[operator]
+    module.to(torch.float32)
+    module.load_state_dict(state)
+
+
+def _data(session: Session) -> dict[str, object]:
+    """Scenes, caption token ids [N,K,L], labels [N,K,N_LABELS] (computed once per session)."""
+    if "data" in session.cache:
+        return session.cache["data"]
+    path = session.stage_dir("data") / "dataset.safetensors"
+    tensors = load_file(path) if path.exists() else None
+    if tensors is None or int(tensors["n_objects"].shape[0]) != session.train.n_scenes:
+        run_stage(session, "data")
+        tensors = load_file(path)
+    scenes = Scenes.from_dict({k: v for k, v in tensors.items() if k != "tokens"})
+    labels_path = path.with_name("labels.safetensors")
+    labels = load_file(labels_path)["labels"] if labels_path.exists() else None
+    session.cache["data"] = {"scenes": scenes, "tokens": tensors["tokens"].long(), "labels": labels}
+    return session.cache["data"]
+
+
+def _empty_tokens(session: Session) -> torch.Tensor:
+    tok = build_tokenizer(session.family)
+    return tok([""], padding="max_length", max_length=session.family.max_tokens, return_tensors="pt").input_ids[0]
+
+
+def _load_text(session: Session) -> torch.nn.Module:
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(session.model_dir / "text_encoder", torch_dtype=torch.float32).to(session.device)
+
+
+def _load_vae(session: Session, folder: str = "vae") -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(session.model_dir / folder, torch_dtype=torch.float32).to(session.device)
+
+
+def _load_unet(session: Session, folder: str) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(session.model_dir / folder, torch_dtype=torch.float32).to(session.device)
+
+
+def _render(session: Session, scenes: Scenes) -> torch.Tensor:
+    images, _ = render(scenes, device=session.device)
+    return images * 2 - 1
+
+
+def _latents(session: Session) -> torch.Tensor:
+    """Scaled posterior means of every training scene, [N,4,h,w] on the device."""
+    if "latents" not in session.cache:
+        data = _data(session)
+        vae = _load_vae(session)
+        scenes: Scenes = data["scenes"]  # type: ignore[assignment]
+        chunks = []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(scenes), 256), desc="encode latents", disable=not session.progress):
+                x = _render(session, scenes.select(slice(start, start + 256)))
+                chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        session.cache["latents"] = torch.cat(chunks)
+    return session.cache["latents"]
+
+
+def _alphas(session: Session) -> torch.Tensor:
+    return build_scheduler("teacher", session.family).alphas_cumprod.to(session.device)
+
+
+def _pick_tokens(data: dict, idx: torch.Tensor, gen: torch.Generator, empty: torch.Tensor, dropout: float) -> torch.Tensor:
+    tokens: torch.Tensor = data["tokens"]  # type: ignore[assignment]
+    k = torch.randint(0, tokens.shape[1], (len(idx),), generator=gen)
+    out = tokens[idx, k].clone()
+    if dropout > 0:
+        drop = torch.rand(len(idx), generator=gen) < dropout
+        out[drop] = empty
+    return out
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_data(session: Session) -> None:
+    t0 = time.perf_counter()
+    cfg = session.train
+    tok = build_tokenizer(session.family)
+    scenes = sample_scenes(cfg.n_scenes, cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    texts, labels = [], []
+    for i in tqdm(range(len(scenes)), desc="captions", disable=not session.progress):
+        for _ in range(cfg.captions_per_scene):
+            text, spec = caption_scene(scenes, i, rng)
+            texts.append(text)
+            labels.append(caption_labels(spec))
+    ids = tok(texts, padding="max_length", max_length=session.family.max_tokens, truncation=True, return_tensors="pt").input_ids
+    tensors = scenes.to_dict()
+    tensors["tokens"] = ids.view(len(scenes), cfg.captions_per_scene, -1).to(torch.int16)
+    folder = session.stage_dir("data")
+    save_file(tensors, folder / "dataset.safetensors")
+    # labels are only read by the text stage: a separate file keeps the dataset small
+    save_file({"labels": torch.from_numpy(np.stack(labels)).view(len(scenes), cfg.captions_per_scene, -1)}, folder / "labels.safetensors")
+    (folder / "captions_sample.txt").write_text("\n".join(texts[:200]) + "\n")
+    # evaluation prompts: held-out colour–shape pairs, and in-distribution ones
+    prompts = session.model_dir / "prompts"
+    prompts.mkdir(parents=True, exist_ok=True)
+    for name, heldout, seed in (("heldout", True, cfg.seed + 101), ("indist", False, cfg.seed + 202)):
+        ev = sample_scenes(cfg.n_eval_prompts, seed, WorldConfig(heldout=heldout))
+        ev_rng = np.random.default_rng(seed)
+        lines = [caption_scene(ev, i, ev_rng)[0] for i in range(len(ev))]
+        (prompts / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    tok.save_pretrained(session.model_dir / "tokenizer")
+    _preview(scenes.select(slice(0, 16)), texts[:: cfg.captions_per_scene][:16], folder / "preview.png")
+    session.cache.pop("data", None)
+    session.record("data", n_scenes=cfg.n_scenes, captions=len(texts), vocabulary=len(tok), time_s=round(time.perf_counter() - t0, 1))
+
+
+def _preview(scenes: Scenes, captions: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, _ = render(scenes)
+    n = len(scenes)
+    fig, axes = plt.subplots(2, (n + 1) // 2, figsize=(2.2 * ((n + 1) // 2), 5))
+    for ax, img, cap in zip(np.ravel(axes), images, captions, strict=False):
+        ax.imshow(img.permute(1, 2, 0).numpy())
+        ax.set_title("\n".join(cap[i : i + 28] for i in range(0, min(len(cap), 84), 28)), fontsize=5)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def stage_vae(session: Session) -> None:
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    data = _data(session)
+    scenes: Scenes = data["scenes"]  # type: ignore[assignment]
+    vae = build_vae(session.family).to(session.device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+
+    def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(scenes), (cfg.vae_batch,), generator=gen)
+        x = _render(session, scenes.select(idx))
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(session.device)
+        rec = vae.decode(z).sample
+        return {
+            "mse": F.mse_loss(rec, x),
+            "l1": 0.5 * F.l1_loss(rec, x),
+            "kl": cfg.vae_kl_weight * posterior.kl().mean(),
+        }
+
+    run_loop(session, "vae", {"vae": vae}, opt, cfg.vae_steps, step)
+    with torch.no_grad():
+        x = _render(session, scenes.select(slice(0, 256)))
+        std = float(vae.encode(x).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    _save(vae, session.model_dir / "vae")
+    session.cache.pop("latents", None)
+    session.record("vae", latent_std=std, scaling_factor=1.0 / std, reconstruction_mse=_vae_mse(session, vae, scenes))
+
+
+def _vae_mse(session: Session, vae: torch.nn.Module, scenes: Scenes) -> float:
+    with torch.no_grad():
+        x = _render(session, scenes.select(slice(len(scenes) - 64, len(scenes))))
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return float(F.mse_loss((rec + 1) / 2, (x + 1) / 2))
+
+
+class _TextProbe(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(2 * width, N_LABELS)
+
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+        real = (ids > 0).float()[..., None]
+        mean = (hidden * real).sum(1) / real.sum(1).clamp(min=1)
+        eos = hidden[torch.arange(len(ids)), (ids == eos_id).int().argmax(1)]
+        return self.head(torch.cat([mean, eos], dim=1))
+
+
+def stage_text(session: Session) -> None:
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    data = _data(session)
+    tok = build_tokenizer(session.family)
+    text = build_text_encoder(session.family, len(tok)).to(session.device)
+    probe = _TextProbe(session.family.text_width).to(session.device)
+    opt = torch.optim.AdamW([*text.parameters(), *probe.parameters()], lr=cfg.text_lr, weight_decay=0.01)
+    labels: torch.Tensor = data["labels"]  # type: ignore[assignment]
+    n = labels.shape[0]
+    empty = _empty_tokens(session)
+
+    def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, n, (cfg.text_batch,), generator=gen)
+        k = torch.randint(0, labels.shape[1], (cfg.text_batch,), generator=gen)
+        ids = data["tokens"][idx, k].clone()  # type: ignore[index]
+        y = labels[idx, k].float()
+        drop = torch.rand(cfg.text_batch, generator=gen) < cfg.cond_dropout
+        ids[drop], y[drop] = empty, 0.0
+        ids, y = ids.to(session.device), y.to(session.device)
+        hidden = text(ids).last_hidden_state
+        return {"bce": F.binary_cross_entropy_with_logits(probe(hidden, ids, 2), y)}
+
+    run_loop(session, "text", {"text": text, "probe": probe}, opt, cfg.text_steps, step)
+    with torch.no_grad():
+        ids = data["tokens"][-256:, 0].to(session.device)  # type: ignore[index]
+        pred = probe(text(ids).last_hidden_state, ids, 2) > 0
+        exact = float((pred == labels[-256:, 0].to(session.device).bool()).all(1).float().mean())
+    _save(text, session.model_dir / "text_encoder")
+    session.record("text", caption_exact_match=exact)
+
+
+def stage_teacher(session: Session) -> None:
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    data = _data(session)
+    latents = _latents(session)
+    text = _load_text(session)
+    unet = build_unet(session.family).to(session.device)
+    alphas = _alphas(session)
+    empty = _empty_tokens(session)
+    opt = torch.optim.AdamW(
+        [{"params": unet.parameters(), "lr": cfg.teacher_lr}, {"params": text.parameters(), "lr": cfg.teacher_text_lr}],
+        weight_decay=0.01,
+    )
+
+    def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(latents), (cfg.teacher_batch,), generator=gen)
+        ids = _pick_tokens(data, idx, gen, empty, cfg.cond_dropout).to(session.device)
+        t = torch.randint(0, 1000, (cfg.teacher_batch,), generator=gen).to(session.device)
+        noise = torch.randn((cfg.teacher_batch, *latents.shape[1:]), generator=gen).to(session.device)
+        x0 = latents[idx.to(session.device)]
+        a = alphas[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = unet(xt, t, text(ids).last_hidden_state).sample
+        return {"eps_mse": F.mse_loss(pred, noise)}
+
+    _, ema = run_loop(session, "teacher", {"unet": unet, "text": text}, opt, cfg.teacher_steps, step, ema_decay=cfg.ema_decay)
+    assert ema is not None
+    unet.load_state_dict(ema_state(ema, "unet"))
+    text.load_state_dict(ema_state(ema, "text"))
+    _save(unet, session.model_dir / "teacher_unet")
+    _save(text, session.model_dir / "text_encoder")
+    build_scheduler("teacher", session.family).save_pretrained(session.model_dir / "teacher_scheduler")
+    _write_index(session)
+
+
+def _write_index(session: Session) -> None:
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "LCMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (session.model_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def lcm_boundary(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCMScheduler's (c_skip, c_out) for integer timesteps t: [B] → two [B,1,1,1]."""
+    scaled = t.float() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip[:, None, None, None], c_out[:, None, None, None]
+
+
+def lcm_grid(session: Session) -> torch.Tensor:
+    """The teacher ODE grid [999, 979, ..., 19] (LCM's original 50-step schedule)."""
+    n = session.family.lcm_origin_steps
+    step = 1000 // n
+    return torch.arange(n, 0, -1) * step - 1
+
+
+def _trajectories(session: Session) -> dict[str, torch.Tensor]:
+    """Teacher DDIM+CFG trajectories on the LCM grid: points [G,T,4,h,w] fp16, ends, token ids."""
+    if "trajectories" in session.cache:
+        return session.cache["trajectories"]
+    cfg = session.train
+    data = _data(session)
+    teacher = _load_unet(session, "teacher_unet")
+    text = _load_text(session)
+    alphas = _alphas(session)
+    grid = lcm_grid(session).to(session.device)
+    empty = _empty_tokens(session).to(session.device)
+    w = session.family.teacher_guidance
+    n_scenes = data["tokens"].shape[0]  # type: ignore[union-attr]
+    points, ends, all_ids = [], [], []
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    h = session.family.latent_size
+    with torch.no_grad():
+        for start in tqdm(range(0, cfg.n_trajectories, cfg.trajectory_batch), desc="teacher trajectories", disable=not session.progress):
+            b = min(cfg.trajectory_batch, cfg.n_trajectories - start)
+            idx = torch.randint(0, n_scenes, (b,), generator=gen)
+            ids = _pick_tokens(data, idx, gen, empty.cpu(), 0.0).to(session.device)
+            cond = text(ids).last_hidden_state
+            uncond = text(empty[None].expand(b, -1)).last_hidden_state
+            embeds = torch.cat([uncond, cond])
+            x = torch.randn((b, 4, h, h), generator=gen).to(session.device)
+            traj = []
+            x0 = x
+            for j, t in enumerate(grid):
+                traj.append(x.half())
+                eps_u, eps_c = teacher(torch.cat([x, x]), t.expand(2 * b), embeds).sample.chunk(2)
+                eps = eps_u + w * (eps_c - eps_u)
+                a = alphas[t]
+                x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+                a_next = alphas[grid[j + 1]] if j + 1 < len(grid) else torch.ones((), device=session.device)
+                x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+            points.append(torch.stack(traj, dim=1))
+            ends.append(x0.float())
+            all_ids.append(ids)
+    out = {"points": torch.cat(points), "ends": torch.cat(ends), "ids": torch.cat(all_ids), "grid": grid}
+    session.cache["trajectories"] = out
+    return out
+
+
+def _student_timesteps(session: Session) -> torch.Tensor:
+    sched = build_scheduler("student", session.family)
+    ts: set[int] = set()
+    for n in (1, 2, 4, 8):
+        sched.set_timesteps(n)
+        ts |= {int(t) for t in sched.timesteps}
+    return torch.tensor(sorted(ts, reverse=True))
+
+
+def _distill(session: Session, stage: str, student: torch.nn.Module, lr: float, steps: int) -> None:
+    cfg = session.train
+    traj = _trajectories(session)
+    teacher = _load_unet(session, "teacher_unet")
+    text = _load_text(session)
+    alphas = _alphas(session)
+    grid = traj["grid"].cpu()
+    focus = torch.tensor([int((grid == t).nonzero()[0, 0]) for t in _student_timesteps(session)])
+    empty = _empty_tokens(session).to(session.device)
+    w = session.family.student_guidance
+    with torch.no_grad():
+        uncond_embed = text(empty[None]).last_hidden_state
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    n = traj["ends"].shape[0]
+
+    def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        b = cfg.distill_batch
+        idx = torch.randint(0, n, (b,), generator=gen)
+        # half the batch on the timesteps the 1/2/4/8-step samplers visit, half anywhere on the grid
+        on_focus = torch.rand(b, generator=gen) < 0.5
+        j = torch.where(on_focus, focus[torch.randint(0, len(focus), (b,), generator=gen)], torch.randint(0, len(grid), (b,), generator=gen))
+        d_idx, d_j = idx.to(session.device), j.to(session.device)
+        xt = traj["points"][d_idx, d_j].float()
+        t = traj["grid"][d_j]
+        target = traj["ends"][d_idx]
+        with torch.no_grad():
+            cond = text(traj["ids"][d_idx]).last_hidden_state
+            eps_u_teacher = teacher(xt, t, uncond_embed.expand(b, -1, -1)).sample
+        embeds = torch.cat([uncond_embed.expand(b, -1, -1), cond])
+        eps_u, eps_c = student(torch.cat([xt, xt]), torch.cat([t, t]), embeds).sample.chunk(2)
+        eps = eps_u + w * (eps_c - eps_u)
+        a = alphas[t][:, None, None, None]
+        x0 = (xt - (1 - a).sqrt() * eps) / a.sqrt()
+        c_skip, c_out = lcm_boundary(t)
+        denoised = c_out * x0 + c_skip * xt
+        return {
+            "consistency_mse": F.mse_loss(denoised, target),
+            "uncond_mse": cfg.distill_uncond_weight * F.mse_loss(eps_u, eps_u_teacher),
+        }
+
+    _, ema = run_loop(session, stage, {"unet": student}, opt, steps, step, ema_decay=cfg.ema_decay)
+    assert ema is not None
+    student.load_state_dict(ema_state(ema, "unet"))
+
+
+def stage_distill(session: Session) -> None:
+    torch.manual_seed(session.train.seed)
+    student = _load_unet(session, "teacher_unet")
+    _distill(session, "distill", student, session.train.distill_lr, session.train.distill_steps)
+    _save(student, session.model_dir / "unet")
+    build_scheduler("student", session.family).save_pretrained(session.model_dir / "scheduler")
+    _write_index(session)
+
+
+def stage_small(session: Session) -> None:
+    torch.manual_seed(session.train.seed)
+    small = build_unet(session.family, small=True).to(session.device)
+    _distill(session, "small", small, session.train.small_lr, session.train.small_steps)
+    _save(small, session.model_dir / "small_unet")
+
+
+def merge_noise_unmerge(latent: torch.Tensor, ratio: float, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """latent [B,4,h,w] → merge at `ratio` → tokens + σ·N(0,1) (σ: [B]) → unmerge, same shape."""
+    from meg.codecs.merge import merge_latent, unmerge_latent
+
+    # meg.codecs.merge computes on the CPU (its plans are CPU tensors); the latent is small.
+    merged = merge_latent(latent.detach().float().cpu(), ratio, generator=gen)
+    noise = torch.randn(merged.tokens.shape, generator=gen)
+    tokens = merged.tokens + sigma.float().cpu()[:, None, None] * noise
+    return unmerge_latent(tokens, merged.gather_index, merged.latent_shape, merged.grouping).to(latent.device, latent.dtype)
+
+
+def stage_decoder(session: Session) -> None:
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    stock = _load_vae(session)
+    vae = _load_vae(session)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    sf = float(vae.config.scaling_factor)
+    latents = _latents(session)
+    ends = _trajectories(session)["ends"]
+    pool = torch.cat([latents[: len(ends)], ends])
+    opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=cfg.decoder_lr)
+    lo, hi = cfg.decoder_sigma
+
+    def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        b = cfg.decoder_batch
+        z = pool[torch.randint(0, len(pool), (b,), generator=gen).to(session.device)]
+        sigma = lo + (hi - lo) * torch.rand(b, generator=gen)
+        ratio = float(torch.rand((), generator=gen)) * cfg.decoder_max_ratio
+        with torch.no_grad():
+            target = (stock.decode(z / sf).sample.clamp(-1, 1) + 1) / 2
+            noisy = merge_noise_unmerge(z, ratio, sigma, gen)
+        image = (vae.decode(noisy / sf).sample + 1) / 2
+        return {"image_mse": F.mse_loss(image, target)}
+
+    run_loop(session, "decoder", {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, opt, cfg.decoder_steps, step)
+    _save(vae, session.model_dir / "vae_merge")
+
+
+def stage_judge(session: Session) -> None:
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    data = _data(session)
+    scenes: Scenes = data["scenes"]  # type: ignore[assignment]
+    net = judge_lib.FeatureNet().to(session.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.judge_lr, weight_decay=0.01)
+
+    def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(scenes), (cfg.judge_batch,), generator=gen)
+        batch = scenes.select(idx)
+        images, _ = render(batch, device=session.device)
+        y = judge_lib.scene_targets(batch).to(session.device)
+        return {"bce": F.binary_cross_entropy_with_logits(net(images), y)}
+
+    run_loop(session, "judge", {"net": net}, opt, cfg.judge_steps, step)
+    net.save(session.model_dir / "judge")
+
+
+STAGES = {
+    "data": stage_data,
+    "vae": stage_vae,
+    "text": stage_text,
+    "teacher": stage_teacher,
+    "distill": stage_distill,
+    "small": stage_small,
+    "decoder": stage_decoder,
+    "judge": stage_judge,
+}
+
+
+def run_stage(session: Session, name: str) -> float:
+    """Run one stage; returns its wall time in seconds."""
+    t0 = time.perf_counter()
+    STAGES[name](session)
+    elapsed = time.perf_counter() - t0
+    session.record(name, wall_s=round(elapsed, 1))
+    return elapsed
