@@ -163,3 +163,11 @@ def test_bad_config_names_the_value() -> None:
     with pytest.raises(InvalidInputError, match=r"\[2048\]"):
         small_sim(resolutions=(2048,))
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("head", ["discrete", "continuous"])
+def test_gymnasium_env_checker_passes(head: str) -> None:
+    from gymnasium.utils.env_checker import check_env
+
+    sim = small_sim(merge_head=head)
+    check_env(MegPlanEnv(sim.config, table=sim.table, edge=EDGE, device=DEVICE), skip_render_check=True)
