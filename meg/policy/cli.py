@@ -11,8 +11,10 @@ from typing import Any
 import click
 
 from meg.policy.env import EnvConfig
+from meg.policy.profile import ProfileConfig
 
 _ENV = EnvConfig()
+_PROFILE = ProfileConfig()
 
 
 def _env_options(fn: Any) -> Any:
@@ -48,18 +50,26 @@ def policy() -> None:
 @click.option("--model", default="tiny-random", show_default=True, help="Pipeline to profile.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Write the distortion table (JSON) here.")
-@click.option("--prompts", type=int, default=None, help="Use only the first N prompts of the default set.")
-@click.option("--seed", default=0, show_default=True, help="Base seed.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Prompts, one per line (default: the built-in set).")
+@click.option("--prompts", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--height", default=_PROFILE.height, show_default=True, type=click.IntRange(min=8), help="Pixels.")
+@click.option("--width", default=_PROFILE.width, show_default=True, type=click.IntRange(min=8), help="Pixels.")
+@click.option("--seed", default=_PROFILE.seed, show_default=True, help="Base seed.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch threads.")
-def profile_command(model: str, out_path: Path, prompts: int | None, seed: int, threads: int) -> None:
+def profile_command(model: str, out_path: Path, prompt_file: Path | None, prompts: int | None, height: int,
+                    width: int, seed: int, threads: int) -> None:
     """Measure MSE vs the reference over (split, steps, merge ratio, channel noise σ)."""
     import torch
     from tqdm import tqdm
 
-    from meg.policy.profile import ProfileConfig, profile_distortion
+    from meg.policy.profile import profile_distortion
 
     torch.set_num_threads(threads)
-    config = ProfileConfig(model=model, seed=seed)
+    config = ProfileConfig(model=model, seed=seed, height=height, width=width)
+    if prompt_file is not None:
+        lines = tuple(line.strip() for line in prompt_file.read_text().splitlines() if line.strip())
+        config = dataclasses.replace(config, prompts=lines)
     if prompts is not None:
         config = dataclasses.replace(config, prompts=config.prompts[:prompts])
     bar = tqdm(desc=f"profile {model}", unit="gen")

@@ -261,11 +261,12 @@ def _n_step(ro: Rollout, sim: PlanSimulator, cfg: CVPOConfig) -> dict[str, np.nd
 # Training
 # ---------------------------------------------------------------------------------------
 def _candidates(actor: PlanActor, critic: QCritic, feats: Tensor, k: int, generator: torch.Generator,
-                continuous: bool, max_ratio: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                continuous: bool, max_ratio: float, merges: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Candidate actions per state and their Q: (plan [N,A'], u [N,A'], log prior [N,A'], Q [N,A',3]).
 
     Discrete head: the whole plan set (A' = A) with prior π_old(a|s). Continuous head:
-    K samples (plan, u) from π_old with prior 1/K.
+    K samples (plan, u) from π_old with prior 1/K; plans that do not merge (`merges` [A]
+    False) are scored at merge 0, as the environment serves them.
     """
     logits, mean, std = actor(feats)
     logp = torch.log_softmax(logits, dim=-1)
@@ -274,7 +275,8 @@ def _candidates(actor: PlanActor, critic: QCritic, feats: Tensor, k: int, genera
         return torch.arange(a).expand(n, a), torch.zeros(n, a), logp, critic(feats, torch.zeros(n))
     plan = torch.multinomial(logp.exp(), k, replacement=True, generator=generator)
     u = mean[:, None] + std[:, None] * torch.randn(n, k, generator=generator)
-    q = critic(feats[:, None].expand(n, k, feats.shape[-1]), merge_from_u(u, max_ratio))  # [N,K,A,3]
+    merge = torch.where(merges[plan], merge_from_u(u, max_ratio), torch.zeros(()))
+    q = critic(feats[:, None].expand(n, k, feats.shape[-1]), merge)  # [N,K,A,3]
     q = q.gather(2, plan[:, :, None, None].expand(n, k, 1, 3))[:, :, 0]
     return plan, u, torch.full((n, k), -math.log(k)), q
 
@@ -305,6 +307,7 @@ def _train(env_config: EnvConfig, config: CVPOConfig, simulator: PlanSimulator |
     agent.log_alpha.requires_grad_(True)
     alpha_opt = torch.optim.Adam([agent.log_alpha], lr=config.mstep_dual_lr)
     replay = _Replay(config.replay_size)
+    merges = torch.from_numpy(space.merges)
     budgets = np.full(2, (1.0 - config.cost_margin) / (1.0 - config.gamma))
     kl_bounds = torch.tensor([config.kl_categorical, config.kl_mean, config.kl_std])
     gen = torch.Generator().manual_seed(config.seed)
@@ -328,7 +331,7 @@ def _train(env_config: EnvConfig, config: CVPOConfig, simulator: PlanSimulator |
             # 2. critics: n-step TD to the target critic under the current policy
             with torch.no_grad():
                 _, _, nlogp, q_next = _candidates(agent.actor, target, b["next_feats"], config.action_samples,
-                                                  gen, continuous, env_config.max_merge_ratio)
+                                                  gen, continuous, env_config.max_merge_ratio, merges)
                 weight = nlogp.exp()  # π(a|s') over the plan set, or 1/K over samples
                 v_next = (weight[..., None] * q_next).sum(1)
                 y = b["ret"] + b["disc"][:, None] * v_next
@@ -341,7 +344,7 @@ def _train(env_config: EnvConfig, config: CVPOConfig, simulator: PlanSimulator |
             # 3. E-step
             with torch.no_grad():
                 cplan, cu, clogp, qc_t = _candidates(old_actor, target, b["feats"], config.action_samples,
-                                                     gen, continuous, env_config.max_merge_ratio)
+                                                     gen, continuous, env_config.max_merge_ratio, merges)
                 qc = qc_t.double().numpy()
                 old_logits, old_mean, old_std = old_actor(b["feats"])
                 old_logp = torch.log_softmax(old_logits, dim=-1)
@@ -355,9 +358,12 @@ def _train(env_config: EnvConfig, config: CVPOConfig, simulator: PlanSimulator |
             kl_cat = (old_logp.exp() * (old_logp - logp)).sum(-1).mean()
             if continuous:
                 nll_cat = -(w * logp.gather(1, cplan)).sum(1).mean()
+                # the Gaussian learns only from samples whose plan merges (renormalised per state)
+                wm = w * merges[cplan]
+                wm = wm / wm.sum(1, keepdim=True).clamp_min(1e-12)
                 log_n = lambda x, m, s: -0.5 * ((x - m) / s) ** 2 - torch.log(s)  # noqa: E731
-                nll_mean = -(w * log_n(cu, mean[:, None], old_std[:, None])).sum(1).mean()
-                nll_std = -(w * log_n(cu, old_mean[:, None], std[:, None])).sum(1).mean()
+                nll_mean = -(wm * log_n(cu, mean[:, None], old_std[:, None])).sum(1).mean()
+                nll_std = -(wm * log_n(cu, old_mean[:, None], std[:, None])).sum(1).mean()
                 kl_mean = (0.5 * ((mean - old_mean) / old_std) ** 2).mean()
                 kl_std = (torch.log(std / old_std) + old_std**2 / (2 * std**2) - 0.5).mean()
                 nll = nll_cat + nll_mean + nll_std
