@@ -66,7 +66,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
     from meg.services.edge_config import EdgeConfig
     from meg.services.policy_server import PolicyServerConfig
-    from meg.split.loading import load_pipeline
+    from meg.split.loading import load_pipeline, native_size_px
 
     model = resolve_model(config.model)
     started = time.perf_counter()
@@ -84,7 +84,9 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         policy = start_policy(PolicyServerConfig(port=0), loop=loop)
         edge = start_edge(EdgeConfig(port=0, model=model, policy_address=policy.address), pipeline=pipeline, loop=loop)
         try:
+            size_px = native_size_px(pipeline)
             request = DeviceRequest(prompt=config.prompt, seed=config.seed, device_profile=config.device_profile,
+                                    width=size_px, height=size_px,
                                     link=link, distance_m=config.distance_m,
                                     latency_limit_s=config.latency_limit_s, energy_limit_j=config.energy_limit_j,
                                     model=model)

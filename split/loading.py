@@ -26,7 +26,7 @@ from diffusers import DiffusionPipeline
 
 from meg.errors import ModelNotFoundError
 
-__all__ = ["TINY_RANDOM", "TINY_RANDOM_XL", "load_pipeline"]
+__all__ = ["TINY_RANDOM", "TINY_RANDOM_XL", "load_pipeline", "native_size_px"]
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_XL = "tiny-random-xl"
@@ -70,6 +70,12 @@ def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.
         f"unknown model {model!r}: not {TINY_RANDOM!r}, not a registry name, "
         "and not a local diffusers folder"
     )
+
+
+def native_size_px(pipeline: Any) -> int:
+    """Image side length (pixels) the pipeline's UNet was built for: sample_size × VAE factor."""
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    return int(pipeline.unet.config.sample_size) * vae_scale
 
 
 def _registry() -> Any | None:

@@ -47,7 +47,7 @@ def export_onnx(model: str, split_text: str, out_dir: Path, height: int | None, 
 
     A second run with the same weights and options reuses the files (content-hash cache).
     """
-    from meg.split.loading import load_pipeline
+    from meg.split.loading import load_pipeline, native_size_px
     from meg.split.onnx_export import export_partitions
 
     logging.basicConfig(level=logging.WARNING)
@@ -55,8 +55,7 @@ def export_onnx(model: str, split_text: str, out_dir: Path, height: int | None, 
     try:
         parts = parts_for_split(split_text)
         pipeline = load_pipeline(model)
-        vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        native = int(pipeline.unet.config.sample_size) * vae_scale
+        native = native_size_px(pipeline)
         options = ExportOptions(exporter=exporter, opset=opset)  # type: ignore[arg-type]
         with console.status(f"exporting {', '.join(parts)}"):
             records = export_partitions(

@@ -61,7 +61,7 @@ def run_e2e_bench(model: str = "auto", seed: int = 0, prompt: str | None = None)
     from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
     from meg.services.convert import make_plan
     from meg.services.edge_config import EdgeConfig
-    from meg.split.loading import load_pipeline
+    from meg.split.loading import load_pipeline, native_size_px
 
     model = resolve_model(model)
     pipeline = load_pipeline(model)
@@ -88,6 +88,7 @@ def run_e2e_bench(model: str = "auto", seed: int = 0, prompt: str | None = None)
                     by_plan = {}
                     for label, plan in plans.items():
                         request = DeviceRequest(prompt=prompt or DemoConfig.prompt, seed=seed, link=link,  # type: ignore[arg-type]
+                                                width=native_size_px(pipeline), height=native_size_px(pipeline),
                                                 distance_m=distance_m, plan=plan, model=model)
                         by_plan[label] = client.generate(request, reference=True).report
                     image_latency = by_plan["image"]["latency_s"]["modelled_total"]
