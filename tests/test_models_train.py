@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from meg.models import registry
+from meg.models.cards import write_cards
 from meg.models.family import FamilyConfig
 from meg.models.stages import run_stage
 from meg.models.training import Session, TrainConfig
@@ -45,6 +46,10 @@ def test_all_stages_write_loadable_components(trained: Session) -> None:
     assert image.shape == (1, 3, 128, 128) and torch.isfinite(image).all()
     teacher = registry.load_pipeline(str(model), unet="teacher", merge_decoder=False)
     assert type(teacher.scheduler).__name__ == "DDIMScheduler"
+    write_cards(model)
+    card = (model / "README.md").read_text()
+    assert "teacher: 4 steps" in card and "not measured" in card
+    assert (model / "unet" / "README.md").exists()
 
 
 def test_a_finished_stage_resumes_without_training_again(trained: Session) -> None:

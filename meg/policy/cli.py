@@ -153,7 +153,11 @@ def train_command(algo: str, out_dir: Path, epochs: int | None, seed: int, threa
 @_env_options
 def eval_command(algos: str, checkpoints: tuple[Path, ...], episodes: int, seed: int, json_path: Path | None,
                  plot_path: Path | None, **env: Any) -> None:
-    """Evaluate planners on the same episodes; print a table, write JSON and a plot."""
+    """Evaluate planners on the same episodes; print a table, write JSON and a plot.
+
+    With a learned algorithm, every planner runs in the environment its checkpoint was
+    trained for (table, limits, head); the environment options apply otherwise.
+    """
     from rich.console import Console
     from rich.table import Table
 

@@ -98,6 +98,8 @@ class CVPOConfig:
     cost_margin: float = 0.25
     """Fraction of each limit kept free: per-step budget = (1 − margin) × limit. Episodes share
     one slowly drifting channel, so their averages spread; the margin keeps ≤ 5% above the limit."""
+    cost_clip: float = 10.0
+    """Largest normalised per-request cost (cost / limit) the critics are trained on."""
     seed: int = 0
     """Seed of networks, exploration and training episodes."""
 
@@ -241,7 +243,11 @@ class _Replay:
 def _n_step(ro: Rollout, sim: PlanSimulator, cfg: CVPOConfig) -> dict[str, np.ndarray]:
     """n-step returns of reward and normalised costs; episode ends are truncations (bootstrap)."""
     env = sim.config
-    signals = np.stack([ro.reward, ro.latency_s / env.latency_limit_s, ro.energy_j / env.energy_limit_j], -1)
+    # normalised costs, clipped at cost_clip: a plan 10× over a limit is as unacceptable as one
+    # 1000× over (deep fades), and the unclipped tail would dominate the critics' squared error
+    costs = np.minimum(np.stack([ro.latency_s / env.latency_limit_s, ro.energy_j / env.energy_limit_j], -1),
+                       cfg.cost_clip)
+    signals = np.concatenate([ro.reward[..., None], costs], -1)
     t_len = signals.shape[0]
     ret = np.zeros_like(signals)
     disc = np.zeros(signals.shape[:2])
