@@ -16,10 +16,10 @@ Reads top to bottom:
    bounds of MPO (mean KL with the old std, std KL with the old mean), each with its
    own Lagrange multiplier.
 
-Costs enter the algorithm divided by their limits, so one unit of normalised cost per
-step is "exactly at the limit"; the budget q̄_i is (1 − cost_margin)/(1 − γ), the
-discounted return of a per-step cost (1 − cost_margin). The margin keeps episode
-averages, which fluctuate with the channel, inside the limit.
+Costs enter the algorithm divided by their limits (and clipped at `cost_clip`), so one
+unit of normalised cost per step is "exactly at the limit"; the budget q̄_i is
+(1 − cost_margin)/(1 − γ), the discounted return of a per-step cost (1 − cost_margin).
+The margin keeps episode averages, which fluctuate with the channel, inside the limit.
 """
 
 from __future__ import annotations
