@@ -239,7 +239,8 @@ class TensorAssembler:
             raise FramingError(
                 f"chunk sequence {chunk.sequence} arrived while {self._next} is missing", field="sequence"
             )
-        size = len(chunk.data)
+        data = chunk.data  # the protobuf accessor copies: read it once
+        size = len(data)
         if size > header.chunk_size_bytes:
             raise ResourceExhaustedError(
                 f"chunk {chunk.sequence} is {size} bytes, chunk size is {header.chunk_size_bytes}", field="data"
@@ -253,8 +254,8 @@ class TensorAssembler:
         expected = header.encoded_bytes - len(self._buffer) if is_last else header.chunk_size_bytes
         if size != expected:
             raise FramingError(f"chunk {chunk.sequence} is {size} bytes, expected {expected}", field="data")
-        self._buffer += chunk.data
-        self._crc = crc32c.crc32c(chunk.data, value=self._crc)
+        self._buffer += data
+        self._crc = crc32c.crc32c(data, value=self._crc)
         self._next += 1
         return self.complete
 

@@ -1,35 +1,37 @@
 """`meg bench grpc`: framed-tensor streaming over gRPC vs a raw loopback TCP socket.
 
-Both transports carry the same payload in the same run on 127.0.0.1. The gRPC side is
-the edge's transport: `EdgeService.Generate` streaming a TensorHeader and 1 MiB
-TensorChunks, which the receiver reassembles and checksums with `TensorAssembler`
-(what the device client does); the TCP side moves the same bytes with no framing, no
-checksum and no protocol at all, so it is the ceiling.
+As in a deployment, sender and receiver are separate processes: a child process plays
+the edge and serves both transports on 127.0.0.1; this process plays the device and
+receives, alternating between the transports so that both see the same machine load.
+
+- gRPC: the edge's transport — a `grpc.aio` server with the edge's message-size options
+  streaming `EdgeService.Generate` answers (a TensorHeader, then 1 MiB TensorChunks),
+  received by a synchronous channel as the device client does and reassembled and
+  checksummed by `TensorAssembler`.
+- TCP: the same bytes over a plain blocking socket (`sendall` / `recv_into` a
+  preallocated buffer): no framing, no checksum, no protocol — the ceiling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import socket
 import statistics
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import click
-import grpc
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from meg.codecs.chain import encode
-from meg.codecs.framing import MAX_CHUNK_BYTES, TensorAssembler, frame_tensor
-from meg.v1 import edge_service_pb2, edge_service_pb2_grpc
-
 __all__ = ["GrpcBenchRow", "run_grpc_bench"]
-
-_MESSAGE_LIMIT_BYTES = 8 * MAX_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -42,91 +44,128 @@ class GrpcBenchRow:
     ratio_vs_tcp: float
 
 
-class _StreamingEdge(edge_service_pb2_grpc.EdgeServiceServicer):
-    """Answers every Generate call with one framed tensor, as the edge streams results."""
+def _payload_frames(payload_mib: int) -> tuple[Any, list[Any], bytes]:
+    import torch
 
-    def __init__(self, header: object, chunks: list[object]) -> None:
-        self._header = header
-        self._chunks = chunks
+    from meg.codecs.chain import encode
+    from meg.codecs.framing import frame_tensor
 
-    async def Generate(  # noqa: N802 - gRPC method name
-        self, request_iterator: AsyncIterator[edge_service_pb2.GenerateRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[edge_service_pb2.GenerateResponse]:
-        async for _ in request_iterator:
-            break
-        yield edge_service_pb2.GenerateResponse(tensor_header=self._header)
-        for chunk in self._chunks:
-            yield edge_service_pb2.GenerateResponse(tensor_chunk=chunk)
-
-
-async def _grpc_once(stub: edge_service_pb2_grpc.EdgeServiceStub) -> float:
-    start = time.perf_counter()
-
-    async def requests() -> AsyncIterator[edge_service_pb2.GenerateRequest]:
-        yield edge_service_pb2.GenerateRequest()
-
-    assembler: TensorAssembler | None = None
-    async for response in stub.Generate(requests()):
-        if response.HasField("tensor_header"):
-            assembler = TensorAssembler(response.tensor_header)
-        elif assembler is not None and assembler.add(response.tensor_chunk):
-            assembler.result()
-    return time.perf_counter() - start
-
-
-async def _tcp_once(port: int, payload_bytes: int) -> float:
-    start = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    received = 0
-    while received < payload_bytes:
-        block = await reader.read(1 << 20)
-        if not block:
-            break
-        received += len(block)
-    writer.close()
-    await writer.wait_closed()
-    if received != payload_bytes:
-        raise RuntimeError(f"raw TCP delivered {received} of {payload_bytes} bytes")
-    return time.perf_counter() - start
-
-
-async def _bench(payload_mib: int, repeats: int) -> list[GrpcBenchRow]:
     generator = torch.Generator().manual_seed(0)
     tensor = torch.randn(payload_mib * (1 << 20) // 2, generator=generator).to(torch.float16)
     encoded = encode(tensor, "none")
     header, chunks = frame_tensor(encoded, request_id="bench", tensor_id=0, name="payload")
-    payload = encoded.payload
+    return header, chunks, encoded.payload
 
-    options = [
-        ("grpc.max_send_message_length", _MESSAGE_LIMIT_BYTES),
-        ("grpc.max_receive_message_length", _MESSAGE_LIMIT_BYTES),
-    ]
-    server = grpc.aio.server(options=options)
-    edge_service_pb2_grpc.add_EdgeServiceServicer_to_server(_StreamingEdge(header, chunks), server)
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
 
-    async def serve_tcp(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(payload)
-        await writer.drain()
-        writer.close()
+def _serve_raw_tcp(listener: socket.socket, payload: bytes) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # listener closed
+            return
+        with conn:
+            conn.sendall(payload)
 
-    tcp_server = await asyncio.start_server(serve_tcp, "127.0.0.1", 0)
-    tcp_port = tcp_server.sockets[0].getsockname()[1]
 
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}", options=options) as channel:
-            stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
-            await _grpc_once(stub)  # warm-up: connection set-up, HTTP/2 windows
-            await _tcp_once(tcp_port, len(payload))
-            grpc_s, tcp_s = [], []
-            # interleaved so that both see the same machine load
-            for _ in range(repeats):
-                grpc_s.append(await _grpc_once(stub))
-                tcp_s.append(await _tcp_once(tcp_port, len(payload)))
-    finally:
-        tcp_server.close()
+def _edge_process(payload_mib: int, pipe: Connection) -> None:
+    """Child process: serve the framed tensor over gRPC and the raw bytes over TCP."""
+    import grpc
+
+    from meg.services.limits import ServiceLimits
+    from meg.services.transport import message_options
+    from meg.v1 import edge_service_pb2, edge_service_pb2_grpc
+
+    header, chunks, payload = _payload_frames(payload_mib)
+
+    class StreamingEdge(edge_service_pb2_grpc.EdgeServiceServicer):
+        async def Generate(  # noqa: N802 - gRPC method name
+            self, request_iterator: AsyncIterator[Any], context: Any
+        ) -> AsyncIterator[Any]:
+            async for _ in request_iterator:
+                break
+            yield edge_service_pb2.GenerateResponse(tensor_header=header)
+            for chunk in chunks:
+                yield edge_service_pb2.GenerateResponse(tensor_chunk=chunk)
+
+    async def main() -> None:
+        server = grpc.aio.server(options=message_options(ServiceLimits.max_message_bytes))
+        edge_service_pb2_grpc.add_EdgeServiceServicer_to_server(StreamingEdge(), server)
+        grpc_port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=_serve_raw_tcp, args=(listener, payload), daemon=True).start()
+        pipe.send((grpc_port, listener.getsockname()[1], len(payload)))
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # until told to stop
+        listener.close()
         await server.stop(None)
+
+    asyncio.run(main())
+
+
+def _grpc_once(stub: Any) -> float:
+    from meg.codecs.framing import TensorAssembler
+    from meg.v1 import edge_service_pb2
+
+    def requests() -> Iterator[Any]:
+        yield edge_service_pb2.GenerateRequest()
+
+    start = time.perf_counter()
+    assembler: TensorAssembler | None = None
+    for response in stub.Generate(requests()):
+        if response.HasField("tensor_header"):
+            assembler = TensorAssembler(response.tensor_header)
+        elif assembler is not None and assembler.add(response.tensor_chunk):
+            assembler.result()
+    if assembler is None or not assembler.complete:
+        raise RuntimeError("the gRPC stream ended before the tensor was complete")
+    return time.perf_counter() - start
+
+
+def _tcp_once(port: int, buffer: memoryview) -> float:
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        received = 0
+        while received < len(buffer):
+            n = conn.recv_into(buffer[received:])
+            if n == 0:
+                break
+            received += n
+    if received != len(buffer):
+        raise RuntimeError(f"raw TCP delivered {received} of {len(buffer)} bytes")
+    return time.perf_counter() - start
+
+
+def run_grpc_bench(payload_mib: int = 64, repeats: int = 5) -> list[GrpcBenchRow]:
+    """Measure both transports in one run; returns one row per transport."""
+    import grpc
+
+    from meg.services.limits import ServiceLimits
+    from meg.services.transport import channel_options
+    from meg.v1 import edge_service_pb2_grpc
+
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    edge = context.Process(target=_edge_process, args=(payload_mib, child), daemon=True)
+    edge.start()
+    try:
+        if not parent.poll(120):
+            raise RuntimeError("the benchmark's edge process did not start within 120 s")
+        grpc_port, tcp_port, payload_bytes = parent.recv()
+        buffer = memoryview(bytearray(payload_bytes))
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}",
+                                   options=channel_options(ServiceLimits.max_message_bytes)) as channel:
+            stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
+            _grpc_once(stub)  # warm-up: connection set-up, HTTP/2 windows
+            _tcp_once(tcp_port, buffer)
+            grpc_s, tcp_s = [], []
+            for _ in range(repeats):
+                grpc_s.append(_grpc_once(stub))
+                tcp_s.append(_tcp_once(tcp_port, buffer))
+    finally:
+        parent.send("stop")
+        edge.join(10)
+        if edge.is_alive():
+            edge.kill()
 
     tcp_median = statistics.median(tcp_s)
     rows = []
@@ -134,18 +173,13 @@ async def _bench(payload_mib: int, repeats: int) -> list[GrpcBenchRow]:
         median = statistics.median(times)
         rows.append(GrpcBenchRow(
             transport=name,
-            payload_bytes=len(payload),
+            payload_bytes=payload_bytes,
             repeats=repeats,
             median_s=median,
-            throughput_mb_s=len(payload) / median / 1e6,
+            throughput_mb_s=payload_bytes / median / 1e6,
             ratio_vs_tcp=tcp_median / median,
         ))
     return rows
-
-
-def run_grpc_bench(payload_mib: int = 64, repeats: int = 5) -> list[GrpcBenchRow]:
-    """Measure both transports in one run; returns one row per transport."""
-    return asyncio.run(_bench(payload_mib, repeats))
 
 
 @click.command("grpc")
@@ -155,8 +189,8 @@ def run_grpc_bench(payload_mib: int = 64, repeats: int = 5) -> list[GrpcBenchRow
 def bench_grpc(payload_mib: int, repeats: int, json_path: Path | None) -> None:
     """Framed-tensor throughput through the edge's gRPC transport vs raw loopback TCP.
 
-    Both run on 127.0.0.1 in the same process and run, interleaved; ratio_vs_tcp is
-    gRPC throughput as a fraction of raw TCP.
+    The edge side runs in a child process; both transports are measured in the same run,
+    alternately; ratio_vs_tcp is gRPC throughput as a fraction of raw TCP.
     """
     rows = run_grpc_bench(payload_mib, repeats)
     table = Table(title=f"Streaming {payload_mib} MiB on loopback (median of {repeats})")
