@@ -155,7 +155,9 @@ class TensorAssembler:
         self.dtype = dtype_from_proto(header.dtype)
         self.shape = self._check_shape(header)
         self._check_sizes(header)
-        self._buffer = bytearray()
+        # chunks are kept as received and joined once: one copy of the payload, not two
+        self._chunks: list[bytes] = []
+        self._received_bytes = 0
         self._crc = 0
         self._next = 0
 
@@ -251,10 +253,11 @@ class TensorAssembler:
                 f"chunk {chunk.sequence} has last={chunk.last}, expected {is_last} of {header.chunk_count} chunks",
                 field="last",
             )
-        expected = header.encoded_bytes - len(self._buffer) if is_last else header.chunk_size_bytes
+        expected = header.encoded_bytes - self._received_bytes if is_last else header.chunk_size_bytes
         if size != expected:
             raise FramingError(f"chunk {chunk.sequence} is {size} bytes, expected {expected}", field="data")
-        self._buffer += data
+        self._chunks.append(data)
+        self._received_bytes += size
         self._crc = crc32c.crc32c(data, value=self._crc)
         self._next += 1
         return self.complete
@@ -280,7 +283,7 @@ class TensorAssembler:
             chain=parse_chain(header.codec_chain).spec,
             dtype=self.dtype,
             shape=self.shape,
-            payload=bytes(self._buffer),
+            payload=b"".join(self._chunks),
             params=bytes(header.codec_params),
         )
 

@@ -229,7 +229,7 @@ def test_header_checks_need_no_allocation_of_the_claimed_size() -> None:
         codec_chain="zstd", raw_bytes=1 << 30, encoded_bytes=10, chunk_count=1, chunk_size_bytes=1 << 20,
     )
     assembler = TensorAssembler(header)
-    assert len(assembler._buffer) == 0
+    assert assembler._received_bytes == 0 and not assembler._chunks
     assembler.add(tensor_pb2.TensorChunk(request_id="r", tensor_id=0, sequence=0, last=True, data=bytes(10)))
     with pytest.raises(CorruptPayloadError):
         assembler.result()
