@@ -196,3 +196,63 @@ def decoder(model: str, ratio: float, sigma: float, n: int, device: str) -> None
     from meg.models.evaluate import decoder_mse
 
     click.echo(json.dumps(decoder_mse(model, ratio=ratio, sigma=sigma, n=n, device=device), indent=1))
+
+
+@train.command(name="estimate")
+@click.option("--model-dir", type=click.Path(path_type=Path), default=MODELS_ROOT / "meg-tiny", show_default=True,
+              help="The family whose training budget is estimated; the estimate is recorded in its training.json.")  # fmt: skip
+@click.option("--steps", type=int, default=2, show_default=True, help="Measured steps per stage.")
+@click.option("--threads", type=int, default=2, show_default=True)
+def estimate(model_dir: Path, steps: int, threads: int) -> None:
+    """Estimate `meg train all` on this machine's CPU from a measured slice.
+
+    Runs every stage at full model size and full batch for --steps steps on a small data
+    slice, then scales each measured part to the recorded budget (steps, scenes,
+    trajectories). Prints a table and records it as "cpu_estimate" (an estimate, not a run).
+    """
+    import json
+    import tempfile
+    from dataclasses import replace
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from meg.models.stages import run_stage
+    from meg.models.training import TrainConfig
+
+    torch.set_num_threads(threads)
+    full = TrainConfig()
+    small = replace(full, n_scenes=256, n_trajectories=64, trajectory_batch=64, n_eval_prompts=4, vae_steps=steps,
+                    text_steps=steps, teacher_steps=steps, distill_steps=steps, small_steps=steps, decoder_steps=steps,
+                    judge_steps=steps, warmup_steps=1, checkpoint_every=10_000)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        session = _session(Path(tmp) / "work", Path(tmp) / "model", "cpu", False, progress=False)
+        session.train = small
+        for name in _STAGE_ORDER:
+            run_stage(session, name)
+        measured = json.loads((session.model_dir / "training.json").read_text())
+    rows = [("data", measured["data"]["time_s"] * full.n_scenes / small.n_scenes)]
+    rows.append(("latents", measured["latents"]["time_s"] * full.n_scenes / small.n_scenes))
+    rows.append(("trajectories", measured["trajectories"]["time_s"] * full.n_trajectories / small.n_trajectories))
+    budget = {"vae": full.vae_steps, "text": full.text_steps, "teacher": full.teacher_steps, "distill": full.distill_steps,
+              "small": full.small_steps, "decoder": full.decoder_steps, "judge": full.judge_steps}  # fmt: skip
+    for name, n in budget.items():
+        rows.append((name, measured[name]["time_s"] / steps * n))
+    total = sum(t for _, t in rows)
+    table = Table(title=f"CPU estimate of meg train all ({threads} threads; {steps} measured steps per stage)")
+    table.add_column("part")
+    table.add_column("estimated s", justify="right")
+    for name, t in rows:
+        table.add_row(name, f"{t:.0f}")
+    table.add_row("total", f"{total:.0f} ({total / 60:.0f} min)")
+    Console().print(table)
+    text = (f"Estimated, not run: {total / 60:.0f} min for `meg train all` on this CPU with {threads} threads "
+            f"(each stage measured for {steps} steps at full model size and batch, scaled to the recorded budget).")  # fmt: skip
+    path = model_dir / "training.json"
+    data = json.loads(path.read_text())
+    data["cpu_estimate"] = {"total_s": round(total), "parts_s": {n: round(t) for n, t in rows}, "threads": threads, "text": text}
+    path.write_text(json.dumps(data, indent=1, default=str))
+    from meg.models.cards import write_cards
+
+    write_cards(model_dir)

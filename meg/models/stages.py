@@ -161,11 +161,13 @@ def _latents(session: Session) -> torch.Tensor:
         vae = _load_vae(session)
         scenes: Scenes = data["scenes"]  # type: ignore[assignment]
         chunks = []
+        t0 = time.perf_counter()
         with torch.no_grad():
             for start in tqdm(range(0, len(scenes), 256), desc="encode latents", disable=not session.progress):
                 x = _render(session, scenes.select(slice(start, start + 256)))
                 chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
         session.cache["latents"] = torch.cat(chunks)
+        session.record("latents", n=len(scenes), time_s=round(time.perf_counter() - t0, 2))
     return session.cache["latents"]
 
 
@@ -402,6 +404,7 @@ def _trajectories(session: Session) -> dict[str, torch.Tensor]:
     empty = _empty_tokens(session).to(session.device)
     w = session.family.teacher_guidance
     n_scenes = data["tokens"].shape[0]  # type: ignore[union-attr]
+    t0 = time.perf_counter()
     points, ends, all_ids = [], [], []
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     h = session.family.latent_size
@@ -429,6 +432,7 @@ def _trajectories(session: Session) -> dict[str, torch.Tensor]:
             all_ids.append(ids)
     out = {"points": torch.cat(points), "ends": torch.cat(ends), "ids": torch.cat(all_ids), "grid": grid}
     session.cache["trajectories"] = out
+    session.record("trajectories", n=cfg.n_trajectories, time_s=round(time.perf_counter() - t0, 2))
     return out
 
 
