@@ -524,3 +524,22 @@ def test_device_refuses_corrupted_tensors_and_falls_back(pipeline: Any, loop: Se
     assert result.report["fallback"]["used"] is True
     assert "CRC32C" in result.report["fallback"]["reason"]
     assert torch.equal(result.image, _reference(engine, seed=2))
+
+
+def test_edge_uses_the_shipped_cvpo_policy_by_address(pipeline: Any, loop: ServiceLoop) -> None:
+    from meg.policy import load_policy
+
+    policy = start_policy(PolicyServerConfig(port=0), policy=load_policy("cvpo"), loop=loop)
+    edge = start_edge(EdgeConfig(port=0, policy_address=policy.address), pipeline=pipeline, loop=loop)
+    try:
+        with DeviceClient(edge.address, ClientConfig(runtime="eager"), pipeline=pipeline) as device:
+            link = LinkConfig(mode="digital", snr_db=2.2, bandwidth_hz=1e6)
+            report = device.generate(DeviceRequest(prompt=PROMPT, seed=1, link=link, distance_m=200.0,
+                                                   latency_limit_s=5.0, energy_limit_j=1000.0)).report
+    finally:
+        edge.stop(0)
+        policy.stop(0)
+    assert report["plan"]["policy"] == "cvpo"
+    assert not report["fallback"]["used"]
+    (decide,) = [p for p in report["parts"] if p["part"] == "policy.decide"]
+    assert decide["measured"] and 0 < decide["latency_s"] < 1.0

@@ -92,10 +92,17 @@ def serve_edge_command(host: str, port: int, model: str, workers: int, queue_siz
 @click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
 @_tls_options
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
+@click.option("--checkpoint", default="rule", show_default=True,
+              help="Policy to serve: a checkpoint folder from `meg policy train`, \"cvpo\" (the shipped CVPO "
+                   "checkpoint) or \"rule\" (the rule-based policy).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path | None, tls_key: Path | None,
-                         tls_ca: Path | None, metrics_port: int | None, log_level: str) -> None:
-    """Run the policy service (PolicyService.Decide, rule-based) until Ctrl-C."""
+                         tls_ca: Path | None, metrics_port: int | None, checkpoint: str, log_level: str) -> None:
+    """Run the policy service (PolicyService.Decide) until Ctrl-C.
+
+    The edge reaches it with `meg serve edge --policy-address HOST:PORT`; every answer
+    carries the measured decision time, which the edge puts in its report."""
+    from meg.policy import load_policy
     from meg.services.observability import configure_logging
     from meg.services.policy_server import PolicyServer, serve_policy
     from meg.services.security import resolve_token
@@ -108,7 +115,7 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
         click.echo(f"policy service on {server.address}" +
                    (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), err=True)
 
-    asyncio.run(serve_policy(config, on_ready=ready))
+    asyncio.run(serve_policy(config, policy=load_policy(checkpoint), on_ready=ready))
 
 
 @click.command("generate")

@@ -123,9 +123,13 @@ class PlanSource:
         self._stub: policy_grpc.PolicyServiceStub | None = None
         self._max_message_bytes = config.limits.max_message_bytes
 
-    async def decide(self, observation: policy_pb.Observation) -> gen_pb.Plan:
+    async def decide(self, observation: policy_pb.Observation) -> tuple[gen_pb.Plan, float]:
+        """The plan and the policy's decision time in seconds (measured in-process, or as
+        the policy service reports it)."""
         if self.address is None:
-            return self.policy.decide(observation)
+            start = monotonic_s()
+            plan = self.policy.decide(observation)
+            return plan, monotonic_s() - start
         if self._stub is None:
             options = channel_options(self._max_message_bytes)
             self._channel = (
@@ -142,7 +146,7 @@ class PlanSource:
             raise UnavailableError(
                 f"policy service at {self.address!r} failed: {exc.code().name}: {exc.details()}"
             ) from exc
-        return response.plan
+        return response.plan, response.decision_latency_s
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -271,13 +275,14 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
     async def _generate(self, request: gen_pb.GenerationRequest, job: _Job, context: aio.ServicerContext) -> int:
         assert self.engine is not None and self.pool is not None
         config = self.config
+        decision_s = 0.0
         if request.HasField("plan_override"):
             plan = gen_pb.Plan()
             plan.CopyFrom(request.plan_override)
             plan.policy = plan.policy or "override"
             plan_field = "plan_override"
         else:
-            plan = await self._await_or_fail(self.plans.decide(self._observation(request)), job)
+            plan, decision_s = await self._await_or_fail(self.plans.decide(self._observation(request)), job)
             plan_field = "plan"
         validate_plan(plan, config.limits, field=plan_field)
         split = split_from_proto(plan.split, field=f"{plan_field}.split")
@@ -351,7 +356,8 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
             downlink_airtime_s=airtime_s,
             retransmissions=retransmissions,
             feature_snr_db=output.feature_snr_db,
-            costs=self._costs(split, inputs, float(plan.tome_ratio), output, airtime_s, link_energy_j, uplink_report),
+            costs=self._costs(split, inputs, float(plan.tome_ratio), output, airtime_s, link_energy_j, uplink_report,
+                              decision_s),
         )
         report.channel.mode = channel_from_link_config(link).mode  # the mode actually emulated
         await context.write(edge_pb.GenerateResponse(report=report))
@@ -450,11 +456,13 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         return output
 
     def _costs(self, split: SplitPoint, inputs: GenerationInputs, tome_ratio: float, output: _EdgeOutput,
-               airtime_s: float, link_energy_j: float, uplink_report: Any) -> list[gen_pb.PartCost]:
+               airtime_s: float, link_energy_j: float, uplink_report: Any,
+               decision_s: float) -> list[gen_pb.PartCost]:
         assert self.engine is not None
         flops = self.engine.flops(split, inputs, tome_ratio=tome_ratio)  # cached by the engine
         profile = load_profile(self.config.edge_profile)
         return [
+            gen_pb.PartCost(part="policy.decide", profile="this-machine", latency_s=decision_s, measured=True),
             gen_pb.PartCost(part="edge.compute", profile="this-machine", latency_s=output.compute_s,
                             flops=flops.edge_flops, measured=True),
             gen_pb.PartCost(part="edge.encode", profile="this-machine", latency_s=output.encode_s, measured=True),
