@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,14 +42,14 @@ def evaluate_family(model_dir: Path, *, device: str = "cpu", n_prompts: int = 20
     training = json.loads((model_dir / "training.json").read_text())
     fam = training["family"]
     sets = {k: read_prompts(model_dir / "prompts" / f"{k}.txt")[:n_prompts] for k in ("heldout", "indist")}
-    results: dict = {"judge_on_renders": {k: ground_truth_fidelity(v, seed=seed).to_dict() for k, v in sets.items()}}
+    results: dict[str, Any] = {"judge_on_renders": {k: ground_truth_fidelity(v, seed=seed).to_dict() for k, v in sets.items()}}
     runs = [("teacher", int(fam["teacher_steps"]))] + [("student", n) for n in (1, 2, 4, 8)] + [("small", 4)]
     fidelity: dict = {}
     grids: dict = {}
     for unet, steps in runs:
         for set_name, prompts in sets.items():
             t0 = time.perf_counter()
-            r = evaluate_fidelity(name, prompts, steps=steps, unet=unet, seed=seed, device=device)
+            r: dict[str, Any] = evaluate_fidelity(name, prompts, steps=steps, unet=unet, seed=seed, device=device)
             images = r.pop("_images")
             r["wall_s"] = round(time.perf_counter() - t0, 2)
             fidelity[f"{unet}/{steps}/{set_name}"] = r

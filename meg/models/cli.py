@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -135,7 +136,7 @@ def fidelity(model: str, prompts_path: Path, steps: int, unet: str, guidance: fl
     for p in prompts:
         if unknown := unknown_words(p):
             click.echo(f"warning: words outside the model's vocabulary in {p!r}: {', '.join(unknown)}", err=True)
-    result = evaluate_fidelity(model, prompts, steps=steps, unet=unet, guidance_scale=guidance, seed=seed, device=device)
+    result: dict[str, Any] = evaluate_fidelity(model, prompts, steps=steps, unet=unet, guidance_scale=guidance, seed=seed, device=device)
     images = result.pop("_images")
     table = Table(title=f"{model} {unet}, {steps} steps, guidance {result['guidance_scale']}")
     table.add_column("measure")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def evaluate_fidelity(
     device: torch.device | str = "cpu",
     merge_decoder: bool = False,
     batch_size: int = 64,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Generate one image per prompt and judge it: fidelity, attribute accuracy, FSD."""
     from meg.models import registry
 
@@ -100,7 +101,7 @@ def evaluate_fidelity(
     gen_s = time.perf_counter() - t0
     specs = [parse_prompt(p) for p in prompts]
     report = judge.score_prompts(specs, images)
-    result: dict[str, object] = {
+    result: dict[str, Any] = {
         "model": name, "unet": unet, "steps": steps, "guidance_scale": guidance, "seed": seed,
         **report.to_dict(), "generation_s": round(gen_s, 2), "device": str(device),
         "prompts_with_unknown_words": sum(bool(s.unknown_words) for s in specs),

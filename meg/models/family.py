@@ -10,6 +10,7 @@ there costs 3–5× more than everywhere else at this size).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
@@ -105,7 +106,7 @@ def build_tokenizer(config: FamilyConfig = FamilyConfig()) -> PreTrainedTokenize
     )
 
 
-def build_text_encoder(config: FamilyConfig, vocab_size: int) -> CLIPTextModel:
+def build_text_encoder(config: FamilyConfig, vocab_size: int) -> Any:
     """A small CLIP text transformer (causal, as in SD's text encoder)."""
     return CLIPTextModel(
         CLIPTextConfig(
@@ -123,7 +124,7 @@ def build_text_encoder(config: FamilyConfig, vocab_size: int) -> CLIPTextModel:
     )
 
 
-def build_vae(config: FamilyConfig) -> AutoencoderKL:
+def build_vae(config: FamilyConfig) -> Any:
     n = len(config.vae_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -138,7 +139,7 @@ def build_vae(config: FamilyConfig) -> AutoencoderKL:
     )
 
 
-def build_unet(config: FamilyConfig, *, small: bool = False) -> UNet2DConditionModel:
+def build_unet(config: FamilyConfig, *, small: bool = False) -> Any:
     channels = config.small_channels if small else config.unet_channels
     n = len(channels)
     return UNet2DConditionModel(
@@ -158,7 +159,7 @@ def build_unet(config: FamilyConfig, *, small: bool = False) -> UNet2DConditionM
 _SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
-def build_scheduler(kind: str, config: FamilyConfig = FamilyConfig()) -> DDIMScheduler | LCMScheduler:
+def build_scheduler(kind: str, config: FamilyConfig = FamilyConfig()) -> Any:
     """"teacher": DDIM (eta 0, SD 1.5's training schedule); "student": LCM multistep sampling."""
     if kind == "teacher":
         return DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=True, steps_offset=1, prediction_type="epsilon")

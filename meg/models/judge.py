@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +159,7 @@ def _attributes(obj: PromptObject) -> list[str]:
     return [k for k in ("colour", "shape", "size", "position") if getattr(obj, k) is not None]
 
 
-def score_prompt(spec: PromptSpec, detected: list[DetectedObject]) -> dict[str, object]:
+def score_prompt(spec: PromptSpec, detected: list[DetectedObject]) -> dict[str, Any]:
     """Match requested objects to detected ones (greedy on score, each used once).
 
     Returns {"fidelity": mean object score, "exact": all attributes met, "attributes":
@@ -220,7 +221,7 @@ def score_prompts(specs: list[PromptSpec], images: torch.Tensor, config: Detecto
     """Score images [N,3,128,128] in [0,1] against their prompts' specs."""
     if len(specs) != len(images):
         raise InvalidInputError(f"{len(specs)} prompts but {len(images)} images")
-    results = [score_prompt(s, detect_objects(img, config)) for s, img in zip(specs, images, strict=True)]
+    results: list[dict[str, Any]] = [score_prompt(s, detect_objects(img, config)) for s, img in zip(specs, images, strict=True)]
     totals: dict[str, list[int]] = {}
     for r in results:
         for a, (hit, req) in r["attributes"].items():  # type: ignore[union-attr]

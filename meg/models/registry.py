@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -91,7 +91,7 @@ def load_pipeline(
     vae_dir = folder / "vae_merge" if merge_decoder and (folder / "vae_merge").exists() else folder / "vae"
     if merge_decoder and vae_dir.name != "vae_merge":
         warnings.warn(f"model family {name!r} has no merge-aware decoder; using the stock VAE decoder", stacklevel=2)
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch_dtype),
         tokenizer=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),

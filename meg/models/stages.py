@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,7 @@ def caption_labels(spec: PromptSpec) -> np.ndarray:
 # --------------------------------------------------------------------------- helpers
 
 
-def _save(module: torch.nn.Module, path: Path) -> None:
+def _save(module: Any, path: Path) -> None:
     """save_pretrained in fp16 safetensors (halves the shipped size), module left unchanged."""
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     module.to(torch.float16)
@@ -110,7 +111,7 @@ def _save(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(state)
 
 
-def _data(session: Session) -> dict[str, object]:
+def _data(session: Session) -> dict[str, Any]:
     """Scenes, caption token ids [N,K,L], labels [N,K,N_LABELS] (computed once per session)."""
     if "data" in session.cache:
         return session.cache["data"]
@@ -131,19 +132,20 @@ def _empty_tokens(session: Session) -> torch.Tensor:
     return tok([""], padding="max_length", max_length=session.family.max_tokens, return_tensors="pt").input_ids[0]
 
 
-def _load_text(session: Session) -> torch.nn.Module:
+def _load_text(session: Session) -> Any:
     from transformers import CLIPTextModel
 
-    return CLIPTextModel.from_pretrained(session.model_dir / "text_encoder", torch_dtype=torch.float32).to(session.device)
+    model: Any = CLIPTextModel.from_pretrained(session.model_dir / "text_encoder", torch_dtype=torch.float32)
+    return model.to(session.device)
 
 
-def _load_vae(session: Session, folder: str = "vae") -> torch.nn.Module:
+def _load_vae(session: Session, folder: str = "vae") -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(session.model_dir / folder, torch_dtype=torch.float32).to(session.device)
 
 
-def _load_unet(session: Session, folder: str) -> torch.nn.Module:
+def _load_unet(session: Session, folder: str) -> Any:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(session.model_dir / folder, torch_dtype=torch.float32).to(session.device)
@@ -175,7 +177,7 @@ def _alphas(session: Session) -> torch.Tensor:
     return build_scheduler("teacher", session.family).alphas_cumprod.to(session.device)
 
 
-def _pick_tokens(data: dict, idx: torch.Tensor, gen: torch.Generator, empty: torch.Tensor, dropout: float) -> torch.Tensor:
+def _pick_tokens(data: dict[str, Any], idx: torch.Tensor, gen: torch.Generator, empty: torch.Tensor, dropout: float) -> torch.Tensor:
     tokens: torch.Tensor = data["tokens"]  # type: ignore[assignment]
     k = torch.randint(0, tokens.shape[1], (len(idx),), generator=gen)
     out = tokens[idx, k].clone()
@@ -270,7 +272,7 @@ def stage_vae(session: Session) -> None:
     session.record("vae", latent_std=std, scaling_factor=1.0 / std, reconstruction_mse=_vae_mse(session, vae, scenes))
 
 
-def _vae_mse(session: Session, vae: torch.nn.Module, scenes: Scenes) -> float:
+def _vae_mse(session: Session, vae: Any, scenes: Scenes) -> float:
     with torch.no_grad():
         x = _render(session, scenes.select(slice(len(scenes) - 64, len(scenes))))
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
@@ -445,7 +447,7 @@ def _student_timesteps(session: Session) -> torch.Tensor:
     return torch.tensor(sorted(ts, reverse=True))
 
 
-def _distill(session: Session, stage: str, student: torch.nn.Module, lr: float, steps: int) -> None:
+def _distill(session: Session, stage: str, student: Any, lr: float, steps: int) -> None:
     cfg = session.train
     traj = _trajectories(session)
     teacher = _load_unet(session, "teacher_unet")

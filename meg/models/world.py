@@ -179,7 +179,7 @@ def sample_scenes(n: int, seed: int, config: WorldConfig = WorldConfig(), *, n_o
         raise InvalidInputError(f"n_objects must be in 1..{config.max_objects}, got {n_objects}")
     rng = np.random.default_rng(seed)
     m = MAX_OBJECTS
-    out = {
+    out: dict[str, np.ndarray] = {
         "n_objects": np.zeros(n, np.int64),
         "shape": np.full((n, m), -1, np.int64),
         "colour": np.full((n, m), -1, np.int64),
