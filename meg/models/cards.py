@@ -137,6 +137,7 @@ def write_cards(model_dir: Path) -> None:
         top += ["", f"**CPU estimate.** {training['cpu_estimate']['text']}"]
     (model_dir / "README.md").write_text("\n".join(top) + "\n")
     per_folder = {
+        "tokenizer": ("data", "Word-level tokenizer over the world's vocabulary (canonical words, synonyms, filler words); any other word becomes [UNK] and is reported by `meg.models.captions.unknown_words` and `meg eval prompt`."),
         "text_encoder": ("text", "CLIPTextModel pre-trained to predict the attribute pairs a caption mentions, then fine-tuned with the teacher."),
         "vae": ("vae", f"AutoencoderKL, channels {fam['vae_channels']}; reconstruction MSE {training.get('vae', {}).get('reconstruction_mse', float('nan')):.5f} (images in [0,1])."),
         "teacher_unet": ("teacher", f"ε-prediction UNet {fam['unet_channels']}, EMA weights; DDIM {fam['teacher_steps']} steps, guidance {fam['teacher_guidance']}. Held-out fidelity {f('teacher/' + str(fam['teacher_steps']) + '/heldout')}."),
