@@ -24,7 +24,7 @@ __all__ = ["DemoConfig", "demo", "run_demo"]
 class DemoConfig:
     """Defaults of `meg demo`."""
 
-    prompt: str = "a red circle on the left and a yellow star on the right, blue striped background"
+    prompt: str = "a red ring at the top left and a green square at the bottom right"
     """What to draw (meg-tiny knows shapes, colours, positions and backgrounds)."""
     out_dir: Path = Path("meg-demo")
     """Folder that receives image.png and report.json."""
