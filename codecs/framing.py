@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import crc32c
 import torch
@@ -24,6 +25,7 @@ from meg.v1 import tensor_pb2
 
 __all__ = [
     "MAX_CHUNK_BYTES",
+    "ChunkLike",
     "FramingLimits",
     "TensorAssembler",
     "assemble",
@@ -47,6 +49,22 @@ _DTYPES: dict[torch.dtype, int] = {
 }
 _FROM_PROTO = {v: k for k, v in _DTYPES.items()}
 assert set(_DTYPES) == set(SUPPORTED_DTYPES)
+
+
+class ChunkLike(Protocol):
+    """A received chunk: ``meg.v1.TensorChunk`` or a zero-copy view with the same attributes
+    (``meg.services.wire.ChunkView``, whose ``data`` is a ``memoryview``)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def tensor_id(self) -> int: ...
+    @property
+    def sequence(self) -> int: ...
+    @property
+    def last(self) -> bool: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
 
 
 @dataclass(frozen=True)
@@ -156,7 +174,7 @@ class TensorAssembler:
         self.shape = self._check_shape(header)
         self._check_sizes(header)
         # chunks are kept as received and joined once: one copy of the payload, not two
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._received_bytes = 0
         self._crc = 0
         self._next = 0
@@ -216,8 +234,11 @@ class TensorAssembler:
     def complete(self) -> bool:
         return self._next == self.header.chunk_count
 
-    def add(self, chunk: tensor_pb2.TensorChunk) -> bool:
+    def add(self, chunk: tensor_pb2.TensorChunk | ChunkLike) -> bool:
         """Accept the next chunk; True once the last one is in.
+
+        ``chunk`` is a ``TensorChunk`` or anything with its attributes (a zero-copy view
+        whose ``data`` is a ``memoryview``: it is kept, not copied, until :meth:`result`).
 
         Raises:
             FramingError: wrong request/tensor id, a duplicate, a gap, a chunk after the
@@ -241,7 +262,7 @@ class TensorAssembler:
             raise FramingError(
                 f"chunk sequence {chunk.sequence} arrived while {self._next} is missing", field="sequence"
             )
-        data = chunk.data  # the protobuf accessor copies: read it once
+        data = chunk.data  # the protobuf accessor copies: read it once (a view's data is not copied)
         size = len(data)
         if size > header.chunk_size_bytes:
             raise ResourceExhaustedError(
@@ -290,7 +311,7 @@ class TensorAssembler:
 
 def assemble(
     header: tensor_pb2.TensorHeader,
-    chunks: Iterable[tensor_pb2.TensorChunk],
+    chunks: Iterable[tensor_pb2.TensorChunk | ChunkLike],
     limits: FramingLimits = FramingLimits(),
 ) -> EncodedTensor:
     """Feed every chunk to a :class:`TensorAssembler` and return its result.

@@ -6,7 +6,8 @@ receives, alternating between the transports so that both see the same machine l
 
 - gRPC: the edge's transport — a `grpc.aio` server with the edge's message-size options
   streaming `EdgeService.Generate` answers (a TensorHeader, then 1 MiB TensorChunks),
-  received by a synchronous channel as the device client does and reassembled and
+  received by a synchronous channel as the device client does (`meg.services.wire`:
+  chunks arrive as zero-copy views of the received bytes) and reassembled and
   checksummed by `TensorAssembler`.
 - TCP: the same bytes over a plain blocking socket (`sendall` / `recv_into`): no
   framing, no checksum, no protocol. `tcp-raw` receives each transfer into a newly
@@ -105,8 +106,9 @@ def _edge_process(payload_mib: int, pipe: Connection) -> None:
     asyncio.run(main())
 
 
-def _grpc_once(stub: Any) -> float:
+def _grpc_once(generate: Any) -> float:
     from meg.codecs.framing import TensorAssembler
+    from meg.services.wire import ChunkView
     from meg.v1 import edge_service_pb2
 
     def requests() -> Iterator[Any]:
@@ -114,8 +116,11 @@ def _grpc_once(stub: Any) -> float:
 
     start = time.perf_counter()
     assembler: TensorAssembler | None = None
-    for response in stub.Generate(requests()):
-        if response.HasField("tensor_header"):
+    for response in generate(requests()):
+        if isinstance(response, ChunkView):
+            if assembler is not None and assembler.add(response):
+                assembler.result()
+        elif response.HasField("tensor_header"):
             assembler = TensorAssembler(response.tensor_header)
         elif assembler is not None and assembler.add(response.tensor_chunk):
             assembler.result()
@@ -146,7 +151,7 @@ def run_grpc_bench(payload_mib: int = 64, repeats: int = 5) -> list[GrpcBenchRow
 
     from meg.services.limits import ServiceLimits
     from meg.services.transport import channel_options
-    from meg.v1 import edge_service_pb2_grpc
+    from meg.services.wire import generate_call
 
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
@@ -159,12 +164,12 @@ def run_grpc_bench(payload_mib: int = 64, repeats: int = 5) -> list[GrpcBenchRow
         warm = memoryview(bytearray(payload_bytes))
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}",
                                    options=channel_options(ServiceLimits.max_message_bytes)) as channel:
-            stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
-            _grpc_once(stub)  # warm-up: connection set-up, HTTP/2 windows
+            generate = generate_call(channel)  # the device client's receive path
+            _grpc_once(generate)  # warm-up: connection set-up, HTTP/2 windows
             _tcp_once(tcp_port, payload_bytes, warm)
             grpc_s, tcp_s, warm_s = [], [], []
             for _ in range(repeats):
-                grpc_s.append(_grpc_once(stub))
+                grpc_s.append(_grpc_once(generate))
                 tcp_s.append(_tcp_once(tcp_port, payload_bytes))
                 warm_s.append(_tcp_once(tcp_port, payload_bytes, warm))
     finally:

@@ -51,11 +51,13 @@ from meg.services.rule_policy import RulePolicyConfig
 from meg.services.security import TlsConfig, channel_credentials, token_metadata
 from meg.services.status import error_from_rpc
 from meg.services.transport import channel_options
+from meg.services.wire import ChunkView, generate_call
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.points import SplitPoint
 from meg.v1 import edge_service_pb2 as edge_pb
 from meg.v1 import edge_service_pb2_grpc as edge_grpc
 from meg.v1 import generation_pb2 as gen_pb
+from meg.v1 import tensor_pb2
 
 __all__ = ["ClientConfig", "DeviceClient", "DeviceRequest", "GenerationResult", "save_png"]
 
@@ -179,6 +181,15 @@ class _EdgeAnswer:
     progress_events: int = 0
 
 
+def _add_chunk(chunk: ChunkView | tensor_pb2.TensorChunk, assemblers: dict[int, TensorAssembler],
+               names: dict[int, str], answer: _EdgeAnswer) -> None:
+    """Feed one chunk to its tensor's assembler; store the tensor once it is complete."""
+    if chunk.tensor_id not in assemblers:
+        raise FramingError(f"chunk for unknown tensor_id {chunk.tensor_id}", field="tensor_chunk")
+    if assemblers[chunk.tensor_id].add(chunk):
+        answer.tensors[names[chunk.tensor_id]] = assemblers.pop(chunk.tensor_id).result()
+
+
 def _target(addresses: Sequence[str]) -> str:
     """A gRPC target for one or several `host:port` addresses (IPv4 list for round_robin)."""
     if len(addresses) == 1:
@@ -228,6 +239,8 @@ class DeviceClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = edge_grpc.EdgeServiceStub(self._channel)
+        # Generate with the zero-copy deserializer: tensor chunks arrive as ChunkView
+        self._generate = generate_call(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # After a failure (and at first) wait for a healthy edge before calling; while calls
         # succeed, skip that extra RPC (it would also skew round_robin's alternation).
@@ -252,7 +265,9 @@ class DeviceClient:
         Args:
             request: what to generate, with the device profile and channel state.
             reference: also run the unsplit reference here and report the difference.
-            on_event: called with every message the edge streams (plan, progress, ...).
+            on_event: called with every message the edge streams (plan, progress, ...), as a
+                ``GenerateResponse``; tensor chunks are received without copying their data and
+                converted (with a copy) only when this is set.
 
         Raises:
             InvalidInputError (and other `MegError`s): the edge refused the request for a
@@ -350,12 +365,17 @@ class DeviceClient:
         assemblers: dict[int, TensorAssembler] = {}
         names: dict[int, str] = {}
         try:
-            call = self._stub.Generate(
+            call = self._generate(
                 iter([edge_pb.GenerateRequest(start=request)]),
                 timeout=self.config.deadline_s,
                 metadata=self._metadata,
             )
             for message in call:
+                if isinstance(message, ChunkView):  # the zero-copy path of a tensor chunk
+                    if on_event is not None:
+                        on_event(message.to_response())  # built (with a copy) only for the callback
+                    _add_chunk(message, assemblers, names, answer)
+                    continue
                 if on_event is not None:
                     on_event(message)
                 kind = message.WhichOneof("kind")
@@ -369,12 +389,8 @@ class DeviceClient:
                         raise FramingError(f"edge announced tensor {header.name!r} twice", field="tensor_header")
                     assemblers[header.tensor_id] = TensorAssembler(header, self.config.framing)
                     names[header.tensor_id] = header.name
-                elif kind == "tensor_chunk":
-                    chunk = message.tensor_chunk
-                    if chunk.tensor_id not in assemblers:
-                        raise FramingError(f"chunk for unknown tensor_id {chunk.tensor_id}", field="tensor_chunk")
-                    if assemblers[chunk.tensor_id].add(chunk):
-                        answer.tensors[names[chunk.tensor_id]] = assemblers.pop(chunk.tensor_id).result()
+                elif kind == "tensor_chunk":  # a chunk the zero-copy reader left to protobuf
+                    _add_chunk(message.tensor_chunk, assemblers, names, answer)
                 elif kind == "report":
                     answer.report = message.report
                 elif kind == "error":
