@@ -250,3 +250,14 @@ def test_assembler_checks_views_like_chunks(fill_min_bytes: int, monkeypatch: py
         assert exc.field == "sequence"
     else:
         raise AssertionError("a duplicate view was accepted")
+
+
+def test_tune_malloc_applies_once_on_glibc() -> None:
+    import platform
+
+    from meg.services import wire
+
+    applied = wire.tune_malloc()
+    if platform.libc_ver()[0] == "glibc":
+        assert applied and wire._tuned == wire.MallocTuning()
+    assert wire.tune_malloc() == applied  # idempotent

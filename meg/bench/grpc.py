@@ -8,7 +8,8 @@ receives, alternating between the transports so that both see the same machine l
   streaming `EdgeService.Generate` answers (a TensorHeader, then 1 MiB TensorChunks),
   received by a synchronous channel as the device client does (`meg.services.wire`:
   chunks arrive as zero-copy views of the received bytes) and reassembled and
-  checksummed by `TensorAssembler`.
+  checksummed by `TensorAssembler`. Both processes tune glibc malloc as the edge server
+  and the device client do (`meg.services.wire.tune_malloc`).
 - TCP: the same bytes over a plain blocking socket (`sendall` / `recv_into`): no
   framing, no checksum, no protocol. `tcp-raw` receives each transfer into a newly
   allocated buffer, as a receiver of a new tensor must (the reference for
@@ -77,7 +78,10 @@ def _edge_process(payload_mib: int, pipe: Connection) -> None:
 
     from meg.services.limits import ServiceLimits
     from meg.services.transport import message_options
+    from meg.services.wire import tune_malloc
     from meg.v1 import edge_service_pb2, edge_service_pb2_grpc
+
+    tune_malloc()  # as `meg serve edge` does
 
     header, chunks, payload = _payload_frames(payload_mib)
 
@@ -151,8 +155,9 @@ def run_grpc_bench(payload_mib: int = 64, repeats: int = 5) -> list[GrpcBenchRow
 
     from meg.services.limits import ServiceLimits
     from meg.services.transport import channel_options
-    from meg.services.wire import generate_call
+    from meg.services.wire import generate_call, tune_malloc
 
+    tune_malloc()  # as the device client does
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     edge = context.Process(target=_edge_process, args=(payload_mib, child), daemon=True)

@@ -51,7 +51,7 @@ from meg.services.rule_policy import RulePolicyConfig
 from meg.services.security import TlsConfig, channel_credentials, token_metadata
 from meg.services.status import error_from_rpc
 from meg.services.transport import channel_options
-from meg.services.wire import ChunkView, generate_call
+from meg.services.wire import ChunkView, generate_call, tune_malloc
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.points import SplitPoint
 from meg.v1 import edge_service_pb2 as edge_pb
@@ -241,6 +241,7 @@ class DeviceClient:
         self._stub = edge_grpc.EdgeServiceStub(self._channel)
         # Generate with the zero-copy deserializer: tensor chunks arrive as ChunkView
         self._generate = generate_call(self._channel)
+        tune_malloc()  # reuse freed message buffers instead of faulting in new pages per chunk
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # After a failure (and at first) wait for a healthy edge before calling; while calls
         # succeed, skip that extra RPC (it would also skew round_robin's alternation).

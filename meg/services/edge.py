@@ -138,6 +138,9 @@ async def create_edge_server(
 
 async def serve_edge(config: EdgeConfig, *, on_ready: Callable[[EdgeServer], None] | None = None) -> None:
     """Run an edge server until SIGINT/SIGTERM, then drain in-flight requests."""
+    from meg.services.wire import tune_malloc
+
+    tune_malloc()  # this process streams 1 MiB messages: reuse their freed buffers
     server, _ = await create_edge_server(config)
     await server.start()
     stop = asyncio.Event()
