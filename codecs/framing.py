@@ -12,9 +12,6 @@ checksum when the last chunk is in. Memory in use grows only with bytes actually
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,54 +50,6 @@ _DTYPES: dict[torch.dtype, int] = {
 }
 _FROM_PROTO = {v: k for k, v in _DTYPES.items()}
 assert set(_DTYPES) == set(SUPPORTED_DTYPES)
-
-
-# Receiving into the payload directly. A payload of at least _FILL_MIN_BYTES is received
-# into a new `bytes` object created empty through the C API (PyBytes_FromStringAndSize(NULL,
-# n), the documented way to build a bytes object in place) and filled chunk by chunk while it
-# is private to the assembler, its pages advised as transparent huge pages: no second copy at
-# the end, and a few hundred page faults instead of one per 4 KiB (page faults dominate the
-# cost of a fresh 64 MiB buffer on virtual machines). Elsewhere (not CPython, no madvise)
-# chunks are kept and joined once.
-_FILL_MIN_BYTES = 1 << 20
-_PAGE = mmap.PAGESIZE
-
-
-def _c_api() -> tuple[object | None, object | None]:
-    if sys.implementation.name != "cpython":
-        return None, None
-    new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-    new_bytes.restype = ctypes.py_object
-    new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-    madvise = None
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            madvise = ctypes.CDLL(None).madvise
-            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            madvise.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            madvise = None
-    return new_bytes, madvise
-
-
-_NEW_BYTES, _MADVISE = _c_api()
-
-
-def _fillable_bytes(size: int) -> tuple[bytes, memoryview] | None:
-    """A new ``bytes`` of ``size`` (uninitialised) bytes and a writable view of its storage,
-    or None where this is not available. The caller fills every byte before sharing it."""
-    if _NEW_BYTES is None or size < _FILL_MIN_BYTES:
-        return None
-    try:
-        out: bytes = _NEW_BYTES(None, size)  # type: ignore[operator]
-    except MemoryError:
-        return None
-    address = id(out) + bytes.__basicsize__ - 1  # PyBytesObject.ob_sval
-    if _MADVISE is not None:  # a hint: failure only costs speed
-        start, end = -(-address // _PAGE) * _PAGE, (address + size) // _PAGE * _PAGE
-        if end > start:
-            _MADVISE(start, end - start, mmap.MADV_HUGEPAGE)  # type: ignore[operator]
-    return out, memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 
 
 class ChunkLike(Protocol):
@@ -225,11 +174,8 @@ class TensorAssembler:
         self.dtype = dtype_from_proto(header.dtype)
         self.shape = self._check_shape(header)
         self._check_sizes(header)
-        # chunks are copied into the payload as they arrive (see _fillable_bytes), or else
-        # kept as received and joined once: one copy of the payload either way
+        # chunks are kept as received and joined once: one copy of the payload
         self._chunks: list[bytes | memoryview] = []
-        self._payload: bytes | None = None
-        self._fill: memoryview | None = None
         self._received_bytes = 0
         self._crc = 0
         self._next = 0
@@ -335,14 +281,7 @@ class TensorAssembler:
         start = self._received_bytes
         if start + size > header.encoded_bytes:  # implied by the checks above; the copy relies on it
             raise FramingError(f"chunk {chunk.sequence} overruns encoded_bytes {header.encoded_bytes}", field="data")
-        if self._next == 0:
-            fillable = _fillable_bytes(header.encoded_bytes)
-            if fillable is not None:
-                self._payload, self._fill = fillable
-        if self._fill is not None:
-            self._fill[start:start + size] = data
-        else:
-            self._chunks.append(data)
+        self._chunks.append(data)
         self._received_bytes += size
         self._crc = crc32c.crc32c(data, value=self._crc)
         self._next += 1
@@ -369,17 +308,9 @@ class TensorAssembler:
             chain=parse_chain(header.codec_chain).spec,
             dtype=self.dtype,
             shape=self.shape,
-            payload=self._take_payload(),
+            payload=b"".join(self._chunks),
             params=bytes(header.codec_params),
         )
-
-    def _take_payload(self) -> bytes:
-        if self._payload is None:
-            self._payload, self._chunks = b"".join(self._chunks), []
-        if self._fill is not None:  # every byte is written now: the payload may be shared
-            self._fill.release()
-            self._fill = None
-        return self._payload
 
 
 def assemble(
