@@ -9,7 +9,6 @@ discreteness of very small counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -31,14 +30,6 @@ SNR_DB = [float(v) for v in range(0, 21, 2)]
 BITS = 300_000  # a multiple of 1, 2, 4 and 6 bits per symbol
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # These tensors are small: a second intra-op thread only spins, and on shared cores the
-    # spinning costs far more CPU than the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _within(point: BerPoint, p: float, relative_model_error: float = 0.0) -> bool:

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import torch
 from click.testing import CliRunner
 
 from meg.channel.bench import bench_channel
 from meg.channel.cli import channel
 from meg.cli import cli
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # These tensors are small: a second intra-op thread only spins, and on shared cores the
-    # spinning costs far more CPU than the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_ber_command_writes_rows_and_a_plot(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ Tolerances are five Monte-Carlo standard errors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,14 +19,6 @@ from meg.errors import InvalidInputError
 N = 200_000
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # These tensors are small: a second intra-op thread only spins, and on shared cores the
-    # spinning costs far more CPU than the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _gen(seed: int = 0) -> torch.Generator:

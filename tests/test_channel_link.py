@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,16 +13,6 @@ from meg.channel.mcs import MCS_TABLE, select_mcs
 from meg.channel.theory import ber_theory
 from meg.errors import ChannelError, InvalidInputError, NonFiniteError
 from meg.v1 import generation_pb2
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # These tensors are small: a second intra-op thread only spins, and on shared cores the
-    # spinning costs far more CPU than the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _link(seed: int = 0, **fields: object) -> LinkEmulator:

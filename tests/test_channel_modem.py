@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,14 +13,6 @@ from meg.errors import InvalidInputError
 MODULATIONS = ["bpsk", "qpsk", "16qam", "64qam"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # These tensors are small: a second intra-op thread only spins, and on shared cores the
-    # spinning costs far more CPU than the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("modulation", MODULATIONS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,16 +15,6 @@ from meg.codecs.merge import latent_to_tokens
 from meg.errors import InvalidInputError, ModelNotFoundError, SplitError, UnavailableError
 from meg.split.onnx_export import export_partitions
 from meg.split.runtime import DeviceRuntime, OnnxRuntime, TorchRuntime, resolve_providers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: the tiny models gain nothing from more, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,16 +16,6 @@ from meg.cli import cli
 from meg.devices import DeviceProfile, count_flops, list_profiles, load_profile, radio_energy_j
 from meg.devices.calibrate import CalibrationConfig, StageTiming, calibrate, fit_latency_model
 from meg.errors import InvalidInputError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: the tiny models gain nothing from more, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def test_shipped_profiles_carry_the_paper_numbers() -> None:

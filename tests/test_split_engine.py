@@ -23,10 +23,6 @@ from meg.split.unet_stages import (
     unet_run_blocks,
 )
 
-# One thread: the tiny models gain nothing from more, and a shared CPU makes torch's
-# thread pool spin (25× slower when the cores are busy).
-torch.set_num_threads(1)
-
 TOLERANCE = 1e-4
 INPUTS = GenerationInputs("a red cube on a blue floor", negative_prompt="blurry", seed=7, steps=4)
 ALL_POINTS = ["device", "step:1", "step:2", "step:3", "decoder", "image", "unet:1", "unet:2", "unet:3", "unet:4"]

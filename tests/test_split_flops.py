@@ -12,8 +12,6 @@ from meg.split.flops import stage_flops
 from meg.split.loading import load_pipeline
 from meg.split.points import SplitPoint
 
-torch.set_num_threads(1)
-
 INPUTS = GenerationInputs("a red cube", steps=4)
 
 

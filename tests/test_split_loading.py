@@ -15,8 +15,6 @@ from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.loading import load_pipeline
 from meg.split.tiny import build_tiny_tokenizer
 
-torch.set_num_threads(1)
-
 
 def test_tiny_random_is_deterministic_and_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)

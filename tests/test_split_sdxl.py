@@ -13,8 +13,6 @@ from meg.split.loading import load_pipeline
 from meg.split.points import SplitPoint
 from meg.split.unet_stages import crossing_specs_for_config
 
-torch.set_num_threads(1)
-
 TOLERANCE = 1e-4
 INPUTS = GenerationInputs("a red cube", seed=4, steps=3)
 

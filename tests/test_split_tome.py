@@ -17,8 +17,6 @@ from meg.split.points import SplitPoint
 from meg.split.tome import ToMeAdapter, ToMeConfig, default_max_downsample, is_patched, unet_lock
 from meg.split.unet_stages import SD15_UNET_CONFIG
 
-torch.set_num_threads(1)
-
 INPUTS = GenerationInputs("a red cube", seed=5, steps=3)
 DECODER = SplitPoint("decoder")
 

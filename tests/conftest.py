@@ -1,0 +1,19 @@
+"""Shared test set-up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    # The test tensors and models are small and pytest-xdist already runs one worker per
+    # core: a second intra-op thread only spins against the other worker, which on two
+    # shared cores costs far more CPU than the work itself.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
