@@ -80,12 +80,14 @@ def test_gym_env_step_semantics() -> None:
     assert obs.shape == (4,) and env.observation_space.contains(obs)
     space = env.sim.space
     plan = int(np.flatnonzero((space.split == 1) & (space.steps == 8) & (space.merge_ratio == 0.5))[0])
-    # reward is −log MSE of the served request, at the SNR observed before the step
+    # reward is −log(MSE + offset) of the served request, at the SNR observed before the step
     snr = obs[0]
     sigma = 10 ** (-(snr + sim.config.feature_gain_db) / 20)
     expected_mse = float(env.sim.table.mse("decoder", 8, 0.5, sigma))
     obs2, reward, terminated, truncated, info = env.step(plan)
-    assert reward == pytest.approx(-math.log(expected_mse))
+    assert sim.config.reward_mse_offset == 1e-3
+    assert reward == pytest.approx(-math.log(expected_mse + 1e-3))
+    assert info["mse"] == pytest.approx(expected_mse)
     assert info["snr_db"] == pytest.approx(snr)
     assert info["cost"].shape == (2,) and (info["cost"] > 0).all()
     assert obs2[1] == pytest.approx(info["cost"][0]) and obs2[2] == pytest.approx(info["cost"][1])
@@ -155,7 +157,24 @@ def test_default_limits_bind() -> None:
     assert ((energy_j <= cfg.energy_limit_j) & (latency_s > cfg.latency_limit_s)).any()
 
 
+def test_reward_offset_zero_is_plain_log_mse() -> None:
+    sim = small_sim(reward_mse_offset=0.0)
+    sim.reset(4, seed=1)
+    space = sim.space
+    reward, _, _, mse = sim.outcome(space.split[None], space.steps[None], space.merge_ratio[None])
+    np.testing.assert_allclose(reward, -np.log(mse))
+    capped = small_sim()
+    capped.reset(4, seed=1)
+    reward_capped, _, _, mse_capped = capped.outcome(space.split[None], space.steps[None], space.merge_ratio[None])
+    np.testing.assert_allclose(mse_capped, mse)
+    assert (reward_capped < reward).all() and (reward_capped <= -math.log(1e-3)).all()
+    # the ranking of plans by reward is the ranking by MSE either way
+    np.testing.assert_array_equal(reward_capped.argmax(1), reward.argmax(1))
+
+
 def test_bad_config_names_the_value() -> None:
+    with pytest.raises(InvalidInputError, match="-0.5"):
+        EnvConfig(reward_mse_offset=-0.5)
     with pytest.raises(InvalidInputError, match="unet"):
         EnvConfig(splits=("unet",))
     with pytest.raises(InvalidInputError, match="0.9"):

@@ -14,7 +14,7 @@ from meg.cli import main as _main  # noqa: F401  (the console entry point import
 from meg.errors import InvalidInputError
 from meg.policy.agents import rollout
 from meg.policy.baselines import FIXED_PLANS, FixedPlanAgent, RandomAgent
-from meg.policy.checkpoint import load_checkpoint
+from meg.policy.checkpoint import env_config_from_dict, load_checkpoint
 from meg.policy.cvpo import CVPOAgent, CVPOConfig, train_cvpo
 from meg.policy.oracle import OracleAgent
 from meg.policy.ppo_lagrangian import PPOAgent, PPOLagrangianConfig, train_ppo_lagrangian
@@ -45,7 +45,12 @@ def test_cvpo_checkpoint_round_trip_with_duals(tmp_path) -> None:
     assert ckpt.duals["eta"] == [0.123] and ckpt.duals["lambda"] == [4.5, 0.25]
     assert json.loads((path / "meta.json").read_text())["duals"]["lambda"] == [4.5, 0.25]
     again = CVPOAgent.from_checkpoint(ckpt)
+    assert again.config == TINY_CVPO and again.config.cost_margin == (0.15, 0.10)  # per-cost tuple survives JSON
     assert again.eta == 0.123 and np.allclose(again.lambdas, [4.5, 0.25])
+    # an environment written before reward_mse_offset existed reads back as plain −log MSE
+    old_env = {k: v for k, v in json.loads((path / "meta.json").read_text())["env_config"].items()
+               if k != "reward_mse_offset"}
+    assert env_config_from_dict(old_env).reward_mse_offset == 0.0
     torch.testing.assert_close(again.log_alpha, agent.log_alpha, rtol=1e-6, atol=1e-6)
     for a, b in zip(agent.actor.state_dict().values(), again.actor.state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -47,6 +47,7 @@ def env_config_from_dict(data: dict[str, Any]) -> EnvConfig:
     if unknown:
         raise InvalidInputError(f"environment config has unknown keys {unknown}")
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    values.setdefault("reward_mse_offset", 0.0)  # written before the field existed: plain −log MSE
     return EnvConfig(**values)
 
 

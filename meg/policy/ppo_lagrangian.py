@@ -65,8 +65,9 @@ class PPOLagrangianConfig:
     """Integral gain."""
     pid_kd: float = 0.0
     """Derivative gain."""
-    cost_margin: float = 0.25
-    """Fraction of each limit kept free: target per-step cost = (1 − margin) × limit (as CVPO)."""
+    cost_margin: float | tuple[float, float] = (0.15, 0.10)
+    """Fraction of each limit kept free (one for both, or (latency, energy)): target per-step
+    cost = (1 − margin) × limit (as CVPO)."""
     seed: int = 0
     """Seed of networks, exploration and training episodes."""
 
@@ -118,6 +119,8 @@ class PPOAgent:
     def from_checkpoint(cls, ckpt: Checkpoint) -> PPOAgent:
         cfg = dict(ckpt.config)
         cfg["hidden"] = tuple(cfg["hidden"])
+        if isinstance(cfg.get("cost_margin"), list):
+            cfg["cost_margin"] = tuple(cfg["cost_margin"])
         n_plans = ckpt.state_dict("actor")["logits.weight"].shape[0]
         agent = cls(ckpt.env_config, PPOLagrangianConfig(**cfg), n_plans, name=ckpt.algo)
         agent.actor.load_state_dict(ckpt.state_dict("actor"))
@@ -150,7 +153,7 @@ def train_ppo_lagrangian(env_config: EnvConfig = EnvConfig(), config: PPOLagrang
     params = [*agent.actor.parameters(), *agent.value.parameters()]
     opt = torch.optim.Adam(params, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
-    target = 1.0 - config.cost_margin
+    target = 1.0 - np.broadcast_to(np.asarray(config.cost_margin, dtype=np.float64), (2,))
     previous_error = np.zeros(2)
     history: list[dict[str, float]] = []
     space = sim.space
