@@ -10,6 +10,7 @@ output (``return_gains=True``) and tested against theory.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Literal, overload
 
 import torch
@@ -40,7 +41,7 @@ def expand_blocks(block_gains: Tensor, num_symbols: int, block_length: int | Non
     return block_gains.repeat_interleave(block_length, dim=-1)[..., :num_symbols]
 
 
-class FlatFading:
+class FlatFading(ABC):
     """Base of the flat-fading channels: gains in coherence blocks, then AWGN.
 
     Args:
@@ -55,11 +56,11 @@ class FlatFading:
         self.block_length = None if block_length is None else int(block_length)
         self._awgn = AWGN()
 
+    @abstractmethod
     def _draw(
         self, shape: tuple[int, ...], *, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str | None
     ) -> Tensor:
         """Draw independent gains of ``shape`` (one per block); subclasses define the law."""
-        raise NotImplementedError
 
     def sample_gains(
         self,
