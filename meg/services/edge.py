@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +21,11 @@ from meg.services.edge_config import EdgeConfig
 from meg.services.edge_servicer import EdgeServicer, PlanSource
 from meg.services.observability import ServiceMetrics, log_event
 from meg.services.transport import (
+    BoundServer,
     bind_server,
     enable_health_and_reflection,
     set_serving,
+    stop_signal,
 )
 from meg.split.engine import SplitEngine
 from meg.v1 import edge_service_pb2 as edge_pb
@@ -36,7 +37,7 @@ _log = logging.getLogger("meg.services.edge")
 SERVICE_NAME = edge_pb.DESCRIPTOR.services_by_name["EdgeService"].full_name
 
 
-class EdgeServer:
+class EdgeServer(BoundServer):
     """An edge server bound to a port: `await start()`, `await stop()`.
 
     `start` returns at once; the model loads in a worker thread and the health service
@@ -45,27 +46,20 @@ class EdgeServer:
 
     def __init__(self, server: aio.Server, port: int, config: EdgeConfig, servicer: EdgeServicer, health: Any,
                  pipeline: Any, loader: Callable[[], Any] | None = None) -> None:
-        self.grpc_server = server
-        self.port = port
-        self.config = config
-        self.servicer = servicer
-        self.health = health
-        self.metrics_port: int | None = None
+        super().__init__(server, port, config, servicer, health)
+        self.config: EdgeConfig = config
+        self.servicer: EdgeServicer = servicer
         self._pipeline = pipeline
         self._loader = loader
         self._loaded = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
         self._load_error: BaseException | None = None
 
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+    service_name = SERVICE_NAME
 
     async def start(self) -> None:
         """Start serving; the model loads in the background."""
-        await self.grpc_server.start()
-        if self.config.metrics_port is not None:
-            self.metrics_port = self.servicer.metrics.serve_http(self.config.metrics_port, self.config.host)
+        await self._open()
         self._load_task = asyncio.create_task(self._load())
         log_event(_log, "edge.started", address=self.address, model=self.config.model)
 
@@ -100,8 +94,7 @@ class EdgeServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests (health NOT_SERVING), let in-flight ones finish within
         `grace_s` (default `config.grace_s`), then close."""
-        await set_serving(self.health, [SERVICE_NAME], False)
-        await self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s)
+        await self._close(grace_s)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self.servicer.pool is not None:
@@ -143,10 +136,7 @@ async def serve_edge(config: EdgeConfig, *, on_ready: Callable[[EdgeServer], Non
     tune_malloc()  # this process streams 1 MiB messages: reuse their freed buffers
     server, _ = await create_edge_server(config)
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signal()
     await server.wait_until_ready()
     if on_ready is not None:
         on_ready(server)

@@ -7,9 +7,7 @@ and times the decision. `create_policy_server` builds the server without startin
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +19,13 @@ from meg.services.observability import ServiceMetrics, log_event, monotonic_s
 from meg.services.rule_policy import RuleBasedPolicy
 from meg.services.security import TlsConfig
 from meg.services.status import error_message, grpc_code_for
-from meg.services.transport import bind_server, enable_health_and_reflection, set_serving
+from meg.services.transport import (
+    BoundServer,
+    bind_server,
+    enable_health_and_reflection,
+    set_serving,
+    stop_signal,
+)
 from meg.v1 import policy_service_pb2 as policy_pb
 from meg.v1 import policy_service_pb2_grpc as policy_grpc
 
@@ -74,31 +78,18 @@ class PolicyServicer(policy_grpc.PolicyServiceServicer):
         return policy_pb.DecideResponse(plan=plan, decision_latency_s=latency_s)
 
 
-class PolicyServer:
+class PolicyServer(BoundServer):
     """A policy service bound to a port; `start`, then `stop`."""
 
-    def __init__(self, server: aio.Server, port: int, config: PolicyServerConfig, servicer: PolicyServicer, health: Any) -> None:
-        self.grpc_server = server
-        self.port = port
-        self.config = config
-        self.servicer = servicer
-        self.health = health
-        self.metrics_port: int | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+    service_name = SERVICE_NAME
 
     async def start(self) -> None:
-        await self.grpc_server.start()
-        if self.config.metrics_port is not None:
-            self.metrics_port = self.servicer.metrics.serve_http(self.config.metrics_port, self.config.host)
+        await self._open()
         await set_serving(self.health, [SERVICE_NAME], True)
         log_event(_log, "policy.started", address=self.address, policy=getattr(self.servicer.policy, "name", "?"))
 
     async def stop(self, grace_s: float | None = None) -> None:
-        await set_serving(self.health, [SERVICE_NAME], False)
-        await self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s)
+        await self._close(grace_s)
         self.servicer.metrics.close()
         log_event(_log, "policy.stopped", address=self.address)
 
@@ -125,11 +116,7 @@ async def serve_policy(config: PolicyServerConfig, *, policy: Any = None,
     await server.start()
     if on_ready is not None:
         on_ready(server)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_signal().wait()
     await server.stop()
 
 

@@ -7,7 +7,10 @@ RESOURCE_EXHAUSTED by gRPC itself.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import Sequence
+from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,7 +19,15 @@ from grpc_reflection.v1alpha import reflection
 from meg.errors import UnavailableError
 from meg.services.security import BearerTokenInterceptor, TlsConfig, server_credentials
 
-__all__ = ["bind_server", "channel_options", "enable_health_and_reflection", "message_options", "set_serving"]
+__all__ = [
+    "BoundServer",
+    "bind_server",
+    "channel_options",
+    "enable_health_and_reflection",
+    "message_options",
+    "set_serving",
+    "stop_signal",
+]
 
 
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -81,3 +92,46 @@ async def set_serving(servicer: health.aio.HealthServicer, names: Sequence[str],
         await servicer.set(name, status)
 
 
+
+
+class BoundServer:
+    """A gRPC server bound to a port with its health service and, when
+    `config.metrics_port` is set, a Prometheus endpoint; the edge and policy servers add
+    what they serve. `config` needs `host`, `metrics_port` and `grace_s`; `servicer`
+    needs `metrics` (a `ServiceMetrics`)."""
+
+    service_name: str
+    """Full name of the served gRPC service, as the health service reports it."""
+
+    def __init__(self, server: aio.Server, port: int, config: Any, servicer: Any, health: Any) -> None:
+        self.grpc_server = server
+        self.port = port
+        self.config = config
+        self.servicer = servicer
+        self.health = health
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def _open(self) -> None:
+        """Start accepting calls and, if asked for, serving /metrics."""
+        await self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.servicer.metrics.serve_http(self.config.metrics_port, self.config.host)
+
+    async def _close(self, grace_s: float | None) -> None:
+        """Health NOT_SERVING, then let in-flight calls finish within `grace_s`
+        (default `config.grace_s`) and close."""
+        await set_serving(self.health, [self.service_name], False)
+        await self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s)
+
+
+def stop_signal() -> asyncio.Event:
+    """An event set on SIGINT or SIGTERM (handlers installed on the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
