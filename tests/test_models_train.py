@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from meg.models import registry
 from meg.models.cards import write_cards
-from meg.models.family import FamilyConfig
+from meg.models.family import FamilyConfig, build_vae
 from meg.models.stages import run_stage
 from meg.models.training import Session, TrainConfig
 
@@ -82,3 +83,39 @@ def test_cli_lists_every_stage() -> None:
     result = CliRunner().invoke(cli, ["eval", "prompt", "a crimson disc next to a giraffe"])
     assert result.exit_code == 0
     assert "colour=red shape=circle" in result.output and "giraffe" in result.output
+
+
+def test_random_crops_are_the_named_windows() -> None:
+    from meg.models.stages import _random_crops
+
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    crops, corners = _random_crops(x, 8, torch.Generator().manual_seed(0), align=2)
+    assert crops.shape == (2, 3, 8, 8)
+    for i, (y, c) in enumerate(corners.tolist()):
+        assert y % 2 == 0 and c % 2 == 0 and 0 <= y <= 8 and 0 <= c <= 8
+        assert torch.equal(crops[i], x[i, :, y : y + 8, c : c + 8])
+
+
+def test_shipped_recipe_is_cpu_sized() -> None:
+    # the family retrains on a 2-core CPU: fully convolutional VAE on crops, min-SNR teacher
+    family, train = FamilyConfig(), TrainConfig()
+    vae = build_vae(family)
+    assert not family.vae_mid_attention and vae.config.mid_block_add_attention is False
+    assert train.vae_crop < family.image_size and train.decoder_crop < family.image_size
+    assert train.teacher_min_snr > 0
+
+
+def test_guidance_is_tuned_on_validation_prompts_only(trained: Session) -> None:
+    from meg.cli import cli
+
+    model = str(trained.model_dir)
+    assert (trained.model_dir / "prompts" / "val.txt").exists()
+    refused = CliRunner().invoke(cli, ["eval", "tune", "--model", model, "--prompts", "heldout"])
+    assert refused.exit_code != 0 and "reported set" in refused.output
+    before = registry.default_guidance(model, "teacher")
+    result = CliRunner().invoke(cli, ["eval", "tune", "--model", model, "--guidance", "1.5,9", "--n", "2"])
+    assert result.exit_code == 0, result.output
+    tuned = json.loads((trained.model_dir / "training.json").read_text())["tuned"]["teacher_guidance"]
+    assert tuned["value"] in (1.5, 9.0) and set(tuned["fidelity"]) == {"1.5", "9"} and tuned["prompts"] == "val"
+    assert registry.default_guidance(model, "teacher") == tuned["value"] != before
+    assert registry.default_guidance(model, "student") == FamilyConfig.smoke().student_guidance

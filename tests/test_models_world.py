@@ -10,9 +10,12 @@ from meg.models.world import (
     HELDOUT_PAIRS,
     IMAGE_SIZE,
     OBJECT_COLOURS,
+    SHAPES,
     WorldConfig,
     render,
     sample_scenes,
+    shape_mask,
+    shape_masks,
 )
 
 
@@ -68,3 +71,25 @@ def test_bad_counts_raise() -> None:
         sample_scenes(0, 1)
     with pytest.raises(InvalidInputError, match="7"):
         sample_scenes(3, 1, n_objects=7)
+
+
+def test_batched_render_equals_render_of_each_scene() -> None:
+    # render groups rows by texture and by shape: every row must still get its own
+    scenes = sample_scenes(24, 5)
+    images, masks = render(scenes)
+    for i in (0, 7, 13, 23):
+        one_image, one_mask = render(scenes.select(slice(i, i + 1)))
+        assert torch.equal(images[i], one_image[0]) and torch.equal(masks[i], one_mask[0])
+
+
+def test_shape_mask_is_each_shape_of_shape_masks() -> None:
+    coords = torch.arange(-12, 12, dtype=torch.float32) + 0.5
+    dy, dx = torch.meshgrid(coords, coords, indexing="ij")
+    r = torch.tensor(10.0)
+    stacked = shape_masks(dx, dy, r)
+    areas = []
+    for k in range(len(SHAPES)):
+        single = shape_mask(k, dx, dy, r)
+        assert torch.equal(single, stacked[k])
+        areas.append(int(single.sum()))
+    assert len(set(areas)) == len(SHAPES)  # six different shapes

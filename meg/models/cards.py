@@ -42,7 +42,13 @@ def evaluate_family(model_dir: Path, *, device: str = "cpu", n_prompts: int = 20
     training = json.loads((model_dir / "training.json").read_text())
     fam = training["family"]
     sets = {k: read_prompts(model_dir / "prompts" / f"{k}.txt")[:n_prompts] for k in ("heldout", "indist")}
-    results: dict[str, Any] = {"judge_on_renders": {k: ground_truth_fidelity(v, seed=seed).to_dict() for k, v in sets.items()}}
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32)
+    results: dict[str, Any] = {
+        "judge_on_renders": {k: ground_truth_fidelity(v, seed=seed).to_dict() for k, v in sets.items()},
+        "judge_on_vae_reconstructions": {k: ground_truth_fidelity(v, seed=seed, vae=vae).to_dict() for k, v in sets.items()},
+    }
     runs = [("teacher", int(fam["teacher_steps"]))] + [("student", n) for n in (1, 2, 4, 8)] + [("small", 4)]
     fidelity: dict = {}
     grids: dict = {}
@@ -77,6 +83,16 @@ def _stage_line(training: dict, stage: str) -> str:
             f"final losses: {_fmt_losses(e)}")  # fmt: skip
 
 
+def _tuned_lines(training: dict) -> list[str]:
+    """The guidance scales `meg eval tune` chose on validation prompts, as card lines."""
+    lines = []
+    for key, t in training.get("tuned", {}).items():
+        tried = ", ".join(f"{g}: {v:.3f}" for g, v in t["fidelity"].items())
+        lines.append(f"{key.split('_')[0].capitalize()} guidance {t['value']:g} was chosen on {t['n']} `{t['prompts']}` prompts "
+                     f"(held-out pairs, disjoint from the reported sets; fidelity at {t['steps']} steps — {tried}).")  # fmt: skip
+    return [*lines, ""] if lines else []
+
+
 def write_cards(model_dir: Path) -> None:
     """README.md model cards for the family and each component folder."""
     training = json.loads((model_dir / "training.json").read_text())
@@ -101,8 +117,15 @@ def write_cards(model_dir: Path) -> None:
     for unet, steps in [("teacher", fam["teacher_steps"]), ("student", 1), ("student", 2), ("student", 4), ("student", 8), ("small", 4)]:
         quality_rows.append(f"| {unet} | {steps} | {f(f'{unet}/{steps}/heldout')} | {f(f'{unet}/{steps}/indist')} |")
     gt = evaluation.get("judge_on_renders", {})
+    rec = evaluation.get("judge_on_vae_reconstructions", {})
     dec = evaluation.get("decoder", {})
-    total_s = sum(float(training.get(s, {}).get("wall_s", 0)) for s in ("data", "vae", "text", "teacher", "distill", "small", "decoder", "judge"))
+    stage_s = sum(float(training.get(s, {}).get("wall_s", 0)) for s in ("data", "vae", "text", "teacher", "distill", "small", "decoder", "judge"))
+    run = training.get("all", {})
+    total_s = float(run.get("wall_s", stage_s))
+    where = training.get("teacher", {}).get("device", "—")
+    if run.get("cpu"):
+        where = f"{run['cpu']}, {run.get('threads', '?')} torch threads" if where == "cpu" else where
+    shared = ", ".join(f"{k} {training[k]['time_s']:.0f} s" for k in ("render", "latents", "trajectories") if k in training)
     top = [
         f"# {fam['name']}",
         "",
@@ -115,14 +138,18 @@ def write_cards(model_dir: Path) -> None:
         "channels), `teacher_unet` (DDIM, CFG), `unet` (few-step student, LCMScheduler), `vae_merge` (merge-aware "
         "decoder), `small_unet` (device UNet), `judge` (feature network of the judge's distribution distance).",
         "",
-        f"**Training time.** {total_s:.0f} s in total on {training.get('teacher', {}).get('device', '—')} (measured wall time of every stage).",
+        f"**Training time.** {total_s:.0f} s ({total_s / 60:.1f} min) for `meg train all` on {where} (measured wall time of the "
+        f"whole run; shared inputs inside the stages: {shared or '—'}).",
         "",
         "**Prompt fidelity** (judge: `meg eval fidelity`; mean fraction of requested attributes met):",
         "",
         *quality_rows,
         "",
+        *_tuned_lines(training),
         f"Judge on ground-truth renders: held-out {gt.get('heldout', {}).get('fidelity', float('nan')):.3f}, "
-        f"in-distribution {gt.get('indist', {}).get('fidelity', float('nan')):.3f}.",
+        f"in-distribution {gt.get('indist', {}).get('fidelity', float('nan')):.3f}; on the same renders passed through the VAE "
+        f"(the ceiling of any latent model with this autoencoder): held-out {rec.get('heldout', {}).get('fidelity', float('nan')):.3f}, "
+        f"in-distribution {rec.get('indist', {}).get('fidelity', float('nan')):.3f}.",
         "",
     ]
     if dec:

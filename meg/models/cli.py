@@ -99,13 +99,28 @@ def train_all(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads
     for name in _STAGE_ORDER[_STAGE_ORDER.index(from_stage):]:
         elapsed = run_stage(session, name)
         click.echo(f"{name}: {elapsed:.1f} s")
-    session.record("all", wall_s=round(time.perf_counter() - t0, 1))
+    import torch
+
+    session.record("all", wall_s=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads(), cpu=_cpu_name())
     if not skip_eval:
         from meg.models.cards import evaluate_family
 
         evaluate_family(model_dir, device=str(session.device), n_prompts=session.train.n_eval_prompts)
     write_cards(model_dir)
     click.echo(f"all stages: {time.perf_counter() - t0:.1f} s on {session.device}")
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 @click.group(name="eval")
@@ -157,6 +172,49 @@ def fidelity(model: str, prompts_path: Path, steps: int, unet: str, guidance: fl
         from meg.models.cards import save_grid
 
         save_grid(images[:16], prompts[:16], grid_path)
+
+
+@eval_group.command()
+@click.option("--model", default="meg-tiny", show_default=True)
+@click.option("--unet", type=click.Choice(["student", "teacher"]), default="teacher", show_default=True)
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the family's teacher / student steps).")
+@click.option("--guidance", "candidates", default="3,4,5,6,7.5", show_default=True, help="Comma-separated guidance scales to try.")
+@click.option("--prompts", "prompt_set", default="val", show_default=True, help="Prompt file of the family (prompts/NAME.txt) to choose on.")
+@click.option("--n", type=int, default=200, show_default=True, help="Prompts used.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def tune(model: str, unet: str, steps: int | None, candidates: str, prompt_set: str, n: int, device: str) -> None:
+    """Choose a UNet's guidance scale on validation prompts (never on the reported sets).
+
+    Records the choice under "tuned" in the family's training.json; `default_guidance`
+    (and so every pipeline default and `meg eval fidelity`) uses it from then on.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from meg.models import registry
+    from meg.models.evaluate import evaluate_fidelity, read_prompts
+
+    if prompt_set in ("heldout", "indist"):
+        raise click.BadParameter(f"{prompt_set!r} is a reported set; choose settings on another (e.g. val)", param_hint="--prompts")
+    folder = registry.model_dir(model)
+    prompts = read_prompts(folder / "prompts" / f"{prompt_set}.txt")[:n]
+    training = json.loads((folder / "training.json").read_text())
+    fam = training["family"]
+    n_steps = steps or int(fam["teacher_steps"] if unet == "teacher" else fam["student_steps"])
+    scores: dict[str, float] = {}
+    for value in (float(v) for v in candidates.split(",")):
+        r = evaluate_fidelity(model, prompts, steps=n_steps, unet=unet, guidance_scale=value, device=device)
+        scores[f"{value:g}"] = round(float(r["fidelity"]), 4)
+    best = max(scores, key=lambda k: scores[k])
+    table = Table(title=f"{model} {unet}, {n_steps} steps, {len(prompts)} {prompt_set} prompts")
+    table.add_column("guidance")
+    table.add_column("fidelity", justify="right")
+    for k, v in scores.items():
+        table.add_row(k + (" *" if k == best else ""), f"{v:.3f}")
+    Console().print(table)
+    training.setdefault("tuned", {})[f"{unet}_guidance"] = {"value": float(best), "steps": n_steps, "prompts": prompt_set,
+                                                            "n": len(prompts), "fidelity": scores}  # fmt: skip
+    (folder / "training.json").write_text(json.dumps(training, indent=1, default=str))
 
 
 @eval_group.command()

@@ -62,8 +62,12 @@ def _real_features(net: judge.FeatureNet, specs: list[PromptSpec], seed: int, de
     return np.concatenate(feats)
 
 
-def ground_truth_fidelity(prompts: list[str], *, seed: int = 0) -> judge.FidelityReport:
-    """The judge on renders of scenes that satisfy each prompt (validates the judge)."""
+def ground_truth_fidelity(prompts: list[str], *, seed: int = 0, vae: Any = None) -> judge.FidelityReport:
+    """The judge on renders of scenes that satisfy each prompt (validates the judge).
+
+    With `vae` (an AutoencoderKL), the renders are first encoded and decoded: the best a
+    latent model with that autoencoder can score.
+    """
     rng = np.random.default_rng(seed)
     specs = [parse_prompt(p) for p in prompts]
     scenes = [judge.scene_from_spec(s, rng) for s in specs]
@@ -71,6 +75,10 @@ def ground_truth_fidelity(prompts: list[str], *, seed: int = 0) -> judge.Fidelit
 
     batch = Scenes(**{k: torch.cat([getattr(s, k) for s in scenes]) for k in Scenes.__dataclass_fields__})
     images, _ = render(batch)
+    if vae is not None:
+        with torch.no_grad():
+            chunks = [vae.decode(vae.encode(images[i : i + 64] * 2 - 1).latent_dist.mean).sample for i in range(0, len(images), 64)]
+        images = ((torch.cat(chunks).clamp(-1, 1) + 1) / 2).float()
     return judge.score_prompts(specs, images)
 
 

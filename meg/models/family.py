@@ -45,17 +45,20 @@ class FamilyConfig:
     """CLIP hidden size = UNet cross-attention dimension."""
     text_layers: int = 3
     text_heads: int = 4
-    vae_channels: tuple[int, ...] = (32, 64, 64, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
     """AutoencoderKL block_out_channels: four levels → ×8 downsampling."""
-    vae_groups: int = 16
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    vae_groups: int = 8
+    vae_mid_attention: bool = False
+    """Self-attention in the VAE's mid blocks. Off: the VAE is fully convolutional, so it
+    trains on crops and works at any resolution."""
+    unet_channels: tuple[int, ...] = (32, 64, 128)
     """Teacher and student UNet block_out_channels (no attention at level 0)."""
     unet_layers: int = 1
     unet_heads: int = 4
-    unet_groups: int = 32
-    small_channels: tuple[int, ...] = (32, 64, 64)
+    unet_groups: int = 16
+    small_channels: tuple[int, ...] = (16, 32, 64)
     """Device (small) UNet block_out_channels."""
-    small_groups: int = 16
+    small_groups: int = 8
     teacher_guidance: float = 4.0
     """Classifier-free guidance scale the teacher is sampled with."""
     teacher_steps: int = 25
@@ -64,7 +67,7 @@ class FamilyConfig:
     """Guidance scale the student and the small UNet are distilled for (MEG: 2.5)."""
     student_steps: int = 4
     """Default number of student steps."""
-    lcm_origin_steps: int = 50
+    lcm_origin_steps: int = 25
     """Teacher ODE grid the students are distilled on (LCMScheduler original_inference_steps)."""
 
     @classmethod
@@ -136,6 +139,7 @@ def build_vae(config: FamilyConfig) -> Any:
         latent_channels=4,
         norm_num_groups=config.vae_groups,
         sample_size=config.image_size,
+        mid_block_add_attention=config.vae_mid_attention,
     )
 
 

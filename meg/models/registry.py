@@ -51,10 +51,20 @@ def default_steps(name: str = "meg-tiny") -> int:
     return int(_family(name).get("student_steps", 4))
 
 
+def _tuned(name: str) -> dict:
+    path = model_dir(name) / "training.json"
+    return json.loads(path.read_text()).get("tuned", {}) if path.exists() else {}
+
+
 def default_guidance(name: str = "meg-tiny", unet: Literal["student", "teacher"] = "student") -> float:
-    """The guidance scale the student (or teacher) was distilled / tuned for."""
+    """The guidance scale the student (or teacher) was distilled for, or the one chosen on
+    the validation prompts by `meg eval tune` (recorded under "tuned" in training.json)."""
+    key = f"{unet}_guidance"
+    tuned = _tuned(name).get(key)
+    if tuned is not None:
+        return float(tuned["value"])
     fam = _family(name)
-    return float(fam.get("student_guidance", 2.5) if unet == "student" else fam.get("teacher_guidance", 4.0))
+    return float(fam.get(key, 2.5 if unet == "student" else 4.0))
 
 
 def load_pipeline(

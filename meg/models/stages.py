@@ -56,7 +56,7 @@ from meg.models.world import (
     sample_scenes,
 )
 
-__all__ = ["STAGES", "caption_labels", "run_stage"]
+__all__ = ["PROMPT_SETS", "STAGES", "caption_labels", "run_stage", "write_prompt_files"]
 
 _COLOURS = list(OBJECT_COLOURS)
 _BG = list(BACKGROUND_COLOURS)
@@ -151,25 +151,83 @@ def _load_unet(session: Session, folder: str) -> Any:
     return UNet2DConditionModel.from_pretrained(session.model_dir / folder, torch_dtype=torch.float32).to(session.device)
 
 
-def _render(session: Session, scenes: Scenes) -> torch.Tensor:
-    images, _ = render(scenes, device=session.device)
-    return images * 2 - 1
+def _images(session: Session) -> torch.Tensor:
+    """Every training scene rendered once: uint8 [N,3,H,W] on the CPU (computed once per session)."""
+    if "images" not in session.cache:
+        scenes: Scenes = _data(session)["scenes"]  # type: ignore[assignment]
+        t0 = time.perf_counter()
+        chunks = []
+        for start in tqdm(range(0, len(scenes), 256), desc="render scenes", disable=not session.progress):
+            images, _ = render(scenes.select(slice(start, start + 256)))
+            chunks.append((images * 255).round().to(torch.uint8))
+        session.cache["images"] = torch.cat(chunks)
+        session.record("render", n=len(scenes), time_s=round(time.perf_counter() - t0, 2))
+    return session.cache["images"]
+
+
+def _pixels(session: Session, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float in [-1, 1] on the session's device."""
+    return images.to(session.device).float() / 127.5 - 1
+
+
+def _random_crops(x: torch.Tensor, side: int, gen: torch.Generator, *, align: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random side×side crop per item of x [B,C,H,W] (corners on multiples of `align`): crops, corners [B,2]."""
+    b, _, h, w = x.shape
+    corners = torch.stack(
+        [torch.randint(0, (h - side) // align + 1, (b,), generator=gen), torch.randint(0, (w - side) // align + 1, (b,), generator=gen)], dim=1
+    ) * align
+    return torch.stack([x[i, :, y : y + side, c : c + side] for i, (y, c) in enumerate(corners.tolist())]), corners
+
+
+def _object_crops(images: torch.Tensor, scenes: Scenes, side: int, p_object: float, gen: torch.Generator) -> torch.Tensor:
+    """side×side crops of images [B,3,H,W]; with probability `p_object` a crop holds one of
+    the scene's objects (picked at random, jittered by up to side/4), else it is uniform.
+
+    Objects cover a few percent of a scene: uniform crops would rarely show the colours and
+    shapes the autoencoder must get right.
+    """
+    b, _, h, w = images.shape
+    out = []
+    for i in range(b):
+        n = int(scenes.n_objects[i])
+        if float(torch.rand((), generator=gen)) < p_object:
+            j = int(torch.randint(0, n, (), generator=gen))
+            jitter = (torch.rand(2, generator=gen) - 0.5) * (side / 2)
+            y = int(float(scenes.cy_px[i, j]) - side / 2 + float(jitter[0]))
+            x = int(float(scenes.cx_px[i, j]) - side / 2 + float(jitter[1]))
+        else:
+            y = int(torch.randint(0, h - side + 1, (), generator=gen))
+            x = int(torch.randint(0, w - side + 1, (), generator=gen))
+        y, x = min(max(y, 0), h - side), min(max(x, 0), w - side)
+        out.append(images[i, :, y : y + side, x : x + side])
+    return torch.stack(out)
+
+
+def _object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weight 1 + weight·[saturated pixel] for images x in [-1, 1] ([B,1,H,W]).
+
+    Object colours are saturated and backgrounds are not (`meg.models.world`), so this
+    up-weights object pixels without needing their masks.
+    """
+    rgb = (x + 1) / 2
+    hi, lo = rgb.amax(dim=1, keepdim=True), rgb.amin(dim=1, keepdim=True)
+    saturation = (hi - lo) / hi.clamp(min=1e-3)
+    return 1 + weight * (saturation > 0.33).float()
 
 
 def _latents(session: Session) -> torch.Tensor:
     """Scaled posterior means of every training scene, [N,4,h,w] on the device."""
     if "latents" not in session.cache:
-        data = _data(session)
+        images = _images(session)
         vae = _load_vae(session)
-        scenes: Scenes = data["scenes"]  # type: ignore[assignment]
         chunks = []
         t0 = time.perf_counter()
         with torch.no_grad():
-            for start in tqdm(range(0, len(scenes), 256), desc="encode latents", disable=not session.progress):
-                x = _render(session, scenes.select(slice(start, start + 256)))
+            for start in tqdm(range(0, len(images), 256), desc="encode latents", disable=not session.progress):
+                x = _pixels(session, images[start : start + 256])
                 chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
         session.cache["latents"] = torch.cat(chunks)
-        session.record("latents", n=len(scenes), time_s=round(time.perf_counter() - t0, 2))
+        session.record("latents", n=len(images), time_s=round(time.perf_counter() - t0, 2))
     return session.cache["latents"]
 
 
@@ -210,18 +268,29 @@ def stage_data(session: Session) -> None:
     # labels are only read by the text stage: a separate file keeps the dataset small
     save_file({"labels": torch.from_numpy(np.stack(labels)).view(len(scenes), cfg.captions_per_scene, -1)}, folder / "labels.safetensors")
     (folder / "captions_sample.txt").write_text("\n".join(texts[:200]) + "\n")
-    # evaluation prompts: held-out colour–shape pairs, and in-distribution ones
-    prompts = session.model_dir / "prompts"
-    prompts.mkdir(parents=True, exist_ok=True)
-    for name, heldout, seed in (("heldout", True, cfg.seed + 101), ("indist", False, cfg.seed + 202)):
-        ev = sample_scenes(cfg.n_eval_prompts, seed, WorldConfig(heldout=heldout))
-        ev_rng = np.random.default_rng(seed)
-        lines = [caption_scene(ev, i, ev_rng)[0] for i in range(len(ev))]
-        (prompts / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    write_prompt_files(session)
     tok.save_pretrained(session.model_dir / "tokenizer")
     _preview(scenes.select(slice(0, 16)), texts[:: cfg.captions_per_scene][:16], folder / "preview.png")
-    session.cache.pop("data", None)
+    for key in ("data", "images", "latents"):
+        session.cache.pop(key, None)
     session.record("data", n_scenes=cfg.n_scenes, captions=len(texts), vocabulary=len(tok), time_s=round(time.perf_counter() - t0, 1))
+
+
+PROMPT_SETS = {"heldout": (True, 101), "indist": (False, 202), "val": (True, 303)}
+"""Evaluation prompt files: name → (held-out colour–shape pairs?, seed offset). "val" is
+for choosing inference settings (guidance scales); results are reported on the others."""
+
+
+def write_prompt_files(session: Session) -> None:
+    """model_dir/prompts/{heldout,indist,val}.txt, `n_eval_prompts` captions each."""
+    cfg = session.train
+    prompts = session.model_dir / "prompts"
+    prompts.mkdir(parents=True, exist_ok=True)
+    for name, (heldout, offset) in PROMPT_SETS.items():
+        ev = sample_scenes(cfg.n_eval_prompts, cfg.seed + offset, WorldConfig(heldout=heldout))
+        ev_rng = np.random.default_rng(cfg.seed + offset)
+        lines = [caption_scene(ev, i, ev_rng)[0] for i in range(len(ev))]
+        (prompts / f"{name}.txt").write_text("\n".join(lines) + "\n")
 
 
 def _preview(scenes: Scenes, captions: list[str], path: Path) -> None:
@@ -245,36 +314,37 @@ def _preview(scenes: Scenes, captions: list[str], path: Path) -> None:
 def stage_vae(session: Session) -> None:
     cfg = session.train
     torch.manual_seed(cfg.seed)
-    data = _data(session)
-    scenes: Scenes = data["scenes"]  # type: ignore[assignment]
+    images = _images(session)
+    scenes: Scenes = _data(session)["scenes"]  # type: ignore[assignment]
     vae = build_vae(session.family).to(session.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
 
     def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, len(scenes), (cfg.vae_batch,), generator=gen)
-        x = _render(session, scenes.select(idx))
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen)
+        x = _pixels(session, _object_crops(images[idx], scenes.select(idx), cfg.vae_crop, cfg.vae_object_crops, gen))
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(session.device)
         rec = vae.decode(z).sample
+        weight = _object_weight(x, cfg.vae_object_weight)
         return {
-            "mse": F.mse_loss(rec, x),
-            "l1": 0.5 * F.l1_loss(rec, x),
+            "mse": (weight * (rec - x) ** 2).mean() / weight.mean(),
+            "l1": 0.5 * (weight * (rec - x).abs()).mean() / weight.mean(),
             "kl": cfg.vae_kl_weight * posterior.kl().mean(),
         }
 
     run_loop(session, "vae", {"vae": vae}, opt, cfg.vae_steps, step)
     with torch.no_grad():
-        x = _render(session, scenes.select(slice(0, 256)))
-        std = float(vae.encode(x).latent_dist.mean.std())
+        std = float(vae.encode(_pixels(session, images[:256])).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
     _save(vae, session.model_dir / "vae")
     session.cache.pop("latents", None)
-    session.record("vae", latent_std=std, scaling_factor=1.0 / std, reconstruction_mse=_vae_mse(session, vae, scenes))
+    session.record("vae", latent_std=std, scaling_factor=1.0 / std, reconstruction_mse=_vae_mse(session, vae, images))
 
 
-def _vae_mse(session: Session, vae: Any, scenes: Scenes) -> float:
+def _vae_mse(session: Session, vae: Any, images: torch.Tensor) -> float:
+    """Reconstruction MSE (images in [0, 1]) of the last 64 full-size training images."""
     with torch.no_grad():
-        x = _render(session, scenes.select(slice(len(scenes) - 64, len(scenes))))
+        x = _pixels(session, images[-64:])
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     return float(F.mse_loss((rec + 1) / 2, (x + 1) / 2))
 
@@ -346,7 +416,11 @@ def stage_teacher(session: Session) -> None:
         a = alphas[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, text(ids).last_hidden_state).sample
-        return {"eps_mse": F.mse_loss(pred, noise)}
+        per_item = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        if cfg.teacher_min_snr > 0:
+            snr = a.flatten() / (1 - a.flatten())
+            per_item = per_item * snr.clamp(max=cfg.teacher_min_snr) / snr
+        return {"eps_mse": per_item.mean()}
 
     _, ema = run_loop(session, "teacher", {"unet": unet, "text": text}, opt, cfg.teacher_steps, step, ema_decay=cfg.ema_decay)
     assert ema is not None
@@ -539,8 +613,11 @@ def stage_decoder(session: Session) -> None:
         sigma = lo + (hi - lo) * torch.rand(b, generator=gen)
         ratio = float(torch.rand((), generator=gen)) * cfg.decoder_max_ratio
         with torch.no_grad():
-            target = (stock.decode(z / sf).sample.clamp(-1, 1) + 1) / 2
+            # merge + noise + unmerge act on the whole latent; the decoders see the same crop of both
             noisy = merge_noise_unmerge(z, ratio, sigma, gen)
+            both, _ = _random_crops(torch.cat([z, noisy], dim=1), cfg.decoder_crop // 8, gen)
+            z, noisy = both[:, :4], both[:, 4:]
+            target = (stock.decode(z / sf).sample.clamp(-1, 1) + 1) / 2
         image = (vae.decode(noisy / sf).sample + 1) / 2
         return {"image_mse": F.mse_loss(image, target)}
 
@@ -551,17 +628,15 @@ def stage_decoder(session: Session) -> None:
 def stage_judge(session: Session) -> None:
     cfg = session.train
     torch.manual_seed(cfg.seed)
-    data = _data(session)
-    scenes: Scenes = data["scenes"]  # type: ignore[assignment]
+    scenes: Scenes = _data(session)["scenes"]  # type: ignore[assignment]
+    images = _images(session)
     net = judge_lib.FeatureNet().to(session.device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.judge_lr, weight_decay=0.01)
 
     def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, len(scenes), (cfg.judge_batch,), generator=gen)
-        batch = scenes.select(idx)
-        images, _ = render(batch, device=session.device)
-        y = judge_lib.scene_targets(batch).to(session.device)
-        return {"bce": F.binary_cross_entropy_with_logits(net(images), y)}
+        y = judge_lib.scene_targets(scenes.select(idx)).to(session.device)
+        return {"bce": F.binary_cross_entropy_with_logits(net((_pixels(session, images[idx]) + 1) / 2), y)}
 
     run_loop(session, "judge", {"net": net}, opt, cfg.judge_steps, step)
     net.save(session.model_dir / "judge")

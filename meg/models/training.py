@@ -31,43 +31,53 @@ class TrainConfig:
     """Training budget of every stage (the shipped family used the defaults)."""
 
     seed: int = 0
-    n_scenes: int = 60_000
-    """Training scenes (each with `captions_per_scene` paraphrases)."""
+    n_scenes: int = 12_000
+    """Training scenes (each with `captions_per_scene` paraphrases), rendered once."""
     captions_per_scene: int = 4
     n_eval_prompts: int = 200
     """Prompts per evaluation file (held-out and in-distribution)."""
-    vae_steps: int = 3000
-    vae_batch: int = 64
-    vae_lr: float = 5e-4
+    vae_steps: int = 2400
+    vae_batch: int = 16
+    vae_crop: int = 64
+    """The (fully convolutional) VAE trains on random crops of this side, in pixels."""
+    vae_object_crops: float = 0.8
+    """Fraction of VAE crops centred (with jitter) on one of the scene's objects."""
+    vae_object_weight: float = 4.0
+    """Extra reconstruction-loss weight of object (saturated) pixels."""
+    vae_lr: float = 1.5e-3
     vae_kl_weight: float = 1e-6
-    text_steps: int = 1500
-    text_batch: int = 256
+    text_steps: int = 600
+    text_batch: int = 64
     text_lr: float = 1e-3
-    teacher_steps: int = 2000
-    teacher_batch: int = 512
-    teacher_lr: float = 4e-4
+    teacher_steps: int = 5000
+    teacher_batch: int = 32
+    teacher_lr: float = 5e-4
     teacher_text_lr: float = 5e-5
     """The text encoder is fine-tuned with the teacher at this smaller rate."""
+    teacher_min_snr: float = 5.0
+    """Min-SNR-γ loss weighting of the teacher (Hang et al. 2023); 0 turns it off."""
     cond_dropout: float = 0.1
     """Probability of training on the empty prompt (classifier-free guidance)."""
     ema_decay: float = 0.999
-    n_trajectories: int = 16_384
+    n_trajectories: int = 2048
     """Teacher ODE trajectories the students are distilled on."""
-    trajectory_batch: int = 2048
-    distill_steps: int = 1000
-    distill_batch: int = 256
+    trajectory_batch: int = 256
+    distill_steps: int = 500
+    distill_batch: int = 32
     distill_lr: float = 1e-4
     distill_uncond_weight: float = 0.25
     """Weight of the term that keeps the student's unconditional prediction at the teacher's."""
-    small_steps: int = 600
-    small_lr: float = 4e-4
-    decoder_steps: int = 1500
-    decoder_batch: int = 64
+    small_steps: int = 400
+    small_lr: float = 5e-4
+    decoder_steps: int = 600
+    decoder_batch: int = 16
+    decoder_crop: int = 64
+    """The merge-aware decoder trains on latent crops decoding to this side, in pixels."""
     decoder_lr: float = 3e-4
     decoder_max_ratio: float = 0.75
     decoder_sigma: tuple[float, float] = (0.05, 0.3)
-    judge_steps: int = 600
-    judge_batch: int = 128
+    judge_steps: int = 300
+    judge_batch: int = 32
     judge_lr: float = 2e-3
     checkpoint_every: int = 250
     warmup_steps: int = 200
@@ -76,9 +86,9 @@ class TrainConfig:
     def smoke(cls) -> TrainConfig:
         """A few steps of everything: checks the whole pipeline end to end on a CPU."""
         return replace(
-            cls(), n_scenes=48, captions_per_scene=2, n_eval_prompts=6, vae_steps=3, vae_batch=4, text_steps=3,
+            cls(), n_scenes=48, captions_per_scene=2, n_eval_prompts=6, vae_steps=3, vae_batch=4, vae_crop=32, text_steps=3,
             text_batch=8, teacher_steps=4, teacher_batch=8, ema_decay=0.5, n_trajectories=8, trajectory_batch=8,
-            distill_steps=3, distill_batch=4, small_steps=3, decoder_steps=3, decoder_batch=4, judge_steps=3,
+            distill_steps=3, distill_batch=4, small_steps=3, decoder_steps=3, decoder_batch=4, decoder_crop=32, judge_steps=3,
             judge_batch=8, checkpoint_every=2, warmup_steps=1,
         )  # fmt: skip
 
@@ -108,6 +118,7 @@ class Session:
     def record(self, stage: str, **values: Any) -> None:
         """Merge `values` into model_dir/training.json under `stage` (read by the model cards)."""
         path = self.model_dir / "training.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(path.read_text()) if path.exists() else {}
         entry = data.setdefault(stage, {})
         entry.update(values)

@@ -33,6 +33,7 @@ __all__ = [
     "WorldConfig",
     "render",
     "sample_scenes",
+    "shape_mask",
     "shape_masks",
 ]
 
@@ -220,29 +221,68 @@ def sample_scenes(n: int, seed: int, config: WorldConfig = WorldConfig(), *, n_o
     )
 
 
-def shape_masks(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Inside-masks of every shape for offsets from the object centre.
+def shape_mask(kind: int, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Inside-mask of shape `SHAPES[kind]` for offsets from the object centre.
 
     Args:
+        kind: index into SHAPES.
         dx, dy: [..., H, W] float offsets in pixels (y grows downwards).
         r: [..., 1, 1] float radius (half-extent) in pixels.
     Returns:
-        [len(SHAPES), ..., H, W] bool, in SHAPES order.
+        [..., H, W] bool.
     """
+    name = SHAPES[kind]
+    if name == "square":
+        return torch.maximum(dx.abs(), dy.abs()) < 0.85 * r
+    if name == "triangle":
+        # Upward triangle: apex (0, -r), base corners (±0.95 r, 0.6 r).
+        return (dy < 0.6 * r) & ((dy + r) * 0.95 >= 1.6 * dx.abs())
+    if name == "cross":
+        adx, ady = dx.abs(), dy.abs()
+        return ((adx < 0.3 * r) & (ady < r)) | ((ady < 0.3 * r) & (adx < r))
     d = torch.sqrt(dx * dx + dy * dy)
-    adx, ady = dx.abs(), dy.abs()
-    circle = d < r
-    square = torch.maximum(adx, ady) < 0.85 * r
-    # Upward triangle: apex (0, -r), base corners (±0.95 r, 0.6 r).
-    triangle = (dy < 0.6 * r) & ((dy + r) * 0.95 >= 1.6 * adx)
+    if name == "circle":
+        return d < r
+    if name == "ring":
+        return (d < r) & (d > 0.55 * r)
     # Five-pointed star: radius interpolates between the tips (r) and the notches (0.45 r).
     theta = torch.atan2(dx, -dy)  # 0 points up
     seg = math.radians(72.0)
     phi = torch.remainder(theta + seg / 2, seg) / (seg / 2) - 1.0  # 0 at a tip, ±1 at notches
-    star = d < r - 0.55 * r * phi.abs()
-    ring = (d < r) & (d > 0.55 * r)
-    cross = ((adx < 0.3 * r) & (ady < r)) | ((ady < 0.3 * r) & (adx < r))
-    return torch.stack([circle, square, triangle, star, ring, cross])
+    return d < r - 0.55 * r * phi.abs()
+
+
+def shape_masks(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Inside-masks of every shape (`shape_mask` for each): [len(SHAPES), ..., H, W] bool."""
+    return torch.stack([shape_mask(k, dx, dy, r) for k in range(len(SHAPES))])
+
+
+def _texture_mix(kind: str, scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.Tensor) -> torch.Tensor:
+    """Texture `kind`'s mixing weight in [0, 1] between the two background tones, [N,H,W]."""
+    if kind == "solid":
+        return torch.zeros_like(grid_x)
+    device = grid_x.device
+    p = scenes.texture_params.to(device)
+    angle, period, phase = p[:, 0, None, None], p[:, 1, None, None], p[:, 2, None, None]
+    if kind == "noise":
+        w = scenes.noise_params.to(device)  # [N,6,4]
+        waves = torch.sin(
+            w[:, :, 0, None, None] * grid_x[:, None] + w[:, :, 1, None, None] * grid_y[:, None] + w[:, :, 2, None, None]
+        ) * w[:, :, 3, None, None]
+        return _normalise(waves.sum(dim=1))
+    if kind == "checkers":
+        size = float(grid_x.shape[-1])
+        cx, cy = torch.floor(grid_x * (size / IMAGE_SIZE) / period * 2), torch.floor(grid_y * (size / IMAGE_SIZE) / period * 2)
+        return torch.remainder(cx + cy, 2.0)
+    u = grid_x * torch.cos(angle) + grid_y * torch.sin(angle)  # [N,H,W]
+    if kind == "gradient":
+        return _normalise(u)
+    return (torch.sin(2 * math.pi * u / period + phase) > 0).float()  # stripes
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
+    return (x - lo) / (hi - lo)
 
 
 def _background(scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.Tensor) -> torch.Tensor:
@@ -250,25 +290,14 @@ def _background(scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.Tensor) -> t
     base = torch.tensor(list(BACKGROUND_COLOURS.values()), device=device)[scenes.bg_colour.to(device)]  # [N,3]
     # The second tone is lighter on dark colours and darker on light ones.
     lum = base.mean(dim=1, keepdim=True)
-    p = scenes.texture_params.to(device)
-    contrast = p[:, 3:4]
+    contrast = scenes.texture_params.to(device)[:, 3:4]
     other = torch.where(lum < 0.45, base + contrast, base - contrast).clamp(0, 1)
-    angle, period, phase = p[:, 0, None, None], p[:, 1, None, None], p[:, 2, None, None]
-    u = grid_x * torch.cos(angle) + grid_y * torch.sin(angle)  # [N,H,W]
-    size = float(grid_x.shape[-1])
-    gradient = (u - u.amin(dim=(1, 2), keepdim=True)) / (u.amax(dim=(1, 2), keepdim=True) - u.amin(dim=(1, 2), keepdim=True))
-    stripes = (torch.sin(2 * math.pi * u / period + phase) > 0).float()
-    cx, cy = torch.floor(grid_x * (size / IMAGE_SIZE) / period * 2), torch.floor(grid_y * (size / IMAGE_SIZE) / period * 2)
-    checkers = torch.remainder(cx + cy, 2.0)
-    w = scenes.noise_params.to(device)  # [N,6,4]
-    waves = torch.sin(
-        w[:, :, 0, None, None] * grid_x[:, None] + w[:, :, 1, None, None] * grid_y[:, None] + w[:, :, 2, None, None]
-    ) * w[:, :, 3, None, None]
-    noise = waves.sum(dim=1)
-    noise = (noise - noise.amin(dim=(1, 2), keepdim=True)) / (noise.amax(dim=(1, 2), keepdim=True) - noise.amin(dim=(1, 2), keepdim=True))
-    mix = torch.stack([torch.zeros_like(gradient), gradient, stripes, checkers, noise])  # [5,N,H,W]
-    t = scenes.texture.to(device)
-    mix = mix[t, torch.arange(len(t), device=device)]  # [N,H,W]
+    # Each scene's own texture only: rows are grouped by texture kind.
+    mix = torch.zeros_like(grid_x)
+    for k, kind in enumerate(TEXTURES):
+        rows = (scenes.texture == k).nonzero().flatten()
+        if len(rows) and kind != "solid":
+            mix[rows.to(device)] = _texture_mix(kind, scenes.select(rows), grid_y[: len(rows)], grid_x[: len(rows)])
     return base[:, :, None, None] * (1 - mix[:, None]) + other[:, :, None, None] * mix[:, None]
 
 
@@ -291,13 +320,17 @@ def render(scenes: Scenes, *, device: torch.device | str = "cpu", supersample: i
     palette = torch.tensor(list(OBJECT_COLOURS.values()), device=device)
     coverage = []
     for j in range(MAX_OBJECTS):
-        present = (scenes.n_objects > j).to(device)
-        cx = scenes.cx_px[:, j].to(device)[:, None, None]
-        cy = scenes.cy_px[:, j].to(device)[:, None, None]
-        r = scenes.radius_px[:, j].to(device)[:, None, None]
-        all_masks = shape_masks(grid_x - cx, grid_y - cy, r)  # [6,N,s,s]
-        shape = scenes.shape[:, j].clamp(min=0).to(device)
-        mask = all_masks[shape, torch.arange(n, device=device)] & present[:, None, None]
+        mask = torch.zeros((n, s, s), dtype=torch.bool, device=device)
+        # Each object's own shape only: rows are grouped by shape.
+        for k in range(len(SHAPES)):
+            rows = ((scenes.n_objects > j) & (scenes.shape[:, j] == k)).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            d_rows = rows.to(device)
+            cx = scenes.cx_px[rows, j].to(device)[:, None, None]
+            cy = scenes.cy_px[rows, j].to(device)[:, None, None]
+            r = scenes.radius_px[rows, j].to(device)[:, None, None]
+            mask[d_rows] = shape_mask(k, grid_x[: len(rows)] - cx, grid_y[: len(rows)] - cy, r)
         colour = palette[scenes.colour[:, j].clamp(min=0).to(device)]
         m = mask[:, None].float()
         image = image * (1 - m) + colour[:, :, None, None] * m
