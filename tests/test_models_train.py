@@ -119,3 +119,13 @@ def test_guidance_is_tuned_on_validation_prompts_only(trained: Session) -> None:
     assert tuned["value"] in (1.5, 9.0) and set(tuned["fidelity"]) == {"1.5", "9"} and tuned["prompts"] == "val"
     assert registry.default_guidance(model, "teacher") == tuned["value"] != before
     assert registry.default_guidance(model, "student") == FamilyConfig.smoke().student_guidance
+
+
+def test_gpu_recipe_is_the_recipe_of_the_shipped_weights() -> None:
+    from dataclasses import asdict
+
+    shipped = json.loads((registry.model_dir("meg-tiny") / "training.json").read_text())
+    for config, recorded in ((FamilyConfig.gpu(), shipped["family"]), (TrainConfig.gpu(), shipped["train"])):
+        for key, value in asdict(config).items():
+            if key in recorded:
+                assert recorded[key] == (list(value) if isinstance(value, tuple) else value), key

@@ -17,7 +17,7 @@ __all__ = ["eval_group", "train"]
 _STAGE_ORDER = ("data", "vae", "text", "teacher", "distill", "judge", "decoder", "small")
 
 
-def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress: bool = True):
+def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress: bool = True, recipe: str = "cpu"):
     import torch
 
     from meg.models.family import FamilyConfig
@@ -33,8 +33,8 @@ def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress
     return Session(
         work_dir=work_dir,
         model_dir=model_dir,
-        family=FamilyConfig.smoke() if smoke else FamilyConfig(),
-        train=TrainConfig.smoke() if smoke else TrainConfig(),
+        family=FamilyConfig.smoke() if smoke else FamilyConfig.gpu() if recipe == "gpu" else FamilyConfig(),
+        train=TrainConfig.smoke() if smoke else TrainConfig.gpu() if recipe == "gpu" else TrainConfig(),
         device=torch.device(device),
         progress=progress,
     )
@@ -48,6 +48,9 @@ def _options(fn):
     fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
     fn = click.option("--tiny", "smoke", is_flag=True, help="Miniature models and a few steps (smoke test).")(fn)
     fn = click.option("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default).")(fn)
+    fn = click.option("--recipe", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+                      help="cpu: the family sized to retrain on a 2-core CPU in < 90 min; gpu: the larger family "
+                           "of the shipped weights.")(fn)  # fmt: skip
     return fn
 
 
@@ -62,14 +65,14 @@ def train() -> None:
 
 def _make_stage_command(name: str) -> click.Command:
     @_options
-    def command(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int) -> None:
+    def command(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, recipe: str) -> None:
         from meg.models.stages import run_stage
 
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        session = _session(work_dir, model_dir, device, smoke)
+        session = _session(work_dir, model_dir, device, smoke, recipe=recipe)
         elapsed = run_stage(session, name)
         click.echo(f"{name}: {elapsed:.1f} s on {session.device}; wrote {model_dir}")
 
@@ -85,7 +88,7 @@ for _name in _STAGE_ORDER:
 @_options
 @click.option("--skip-eval", is_flag=True, help="Do not measure the family after training.")
 @click.option("--from-stage", type=click.Choice(_STAGE_ORDER), default="data", show_default=True)
-def train_all(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, skip_eval: bool, from_stage: str) -> None:
+def train_all(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, recipe: str, skip_eval: bool, from_stage: str) -> None:
     """Every stage in order, then the family's measurements and model cards."""
     from meg.models.cards import write_cards
     from meg.models.stages import run_stage
@@ -94,7 +97,7 @@ def train_all(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads
         import torch
 
         torch.set_num_threads(threads)
-    session = _session(work_dir, model_dir, device, smoke)
+    session = _session(work_dir, model_dir, device, smoke, recipe=recipe)
     t0 = time.perf_counter()
     for name in _STAGE_ORDER[_STAGE_ORDER.index(from_stage):]:
         elapsed = run_stage(session, name)

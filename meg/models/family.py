@@ -71,6 +71,14 @@ class FamilyConfig:
     """Teacher ODE grid the students are distilled on (LCMScheduler original_inference_steps)."""
 
     @classmethod
+    def gpu(cls) -> FamilyConfig:
+        """The larger family of the shipped weights (trained on one GPU; see the model card)."""
+        return replace(
+            cls(), vae_channels=(32, 64, 64, 64), vae_groups=16, vae_mid_attention=True, unet_channels=(64, 128, 128),
+            unet_groups=32, small_channels=(32, 64, 64), small_groups=16, lcm_origin_steps=50,
+        )  # fmt: skip
+
+    @classmethod
     def smoke(cls) -> FamilyConfig:
         """A miniature family with the same structure, for tests on a CPU."""
         return replace(

@@ -83,6 +83,17 @@ class TrainConfig:
     warmup_steps: int = 200
 
     @classmethod
+    def gpu(cls) -> TrainConfig:
+        """The budget of the shipped weights (one GPU, ~13 min): full images, large batches."""
+        return replace(
+            cls(), n_scenes=60_000, vae_steps=3000, vae_batch=64, vae_crop=128, vae_object_crops=0.0, vae_object_weight=0.0,
+            vae_lr=5e-4, text_steps=1500, text_batch=256, teacher_steps=2000, teacher_batch=512, teacher_lr=4e-4,
+            teacher_min_snr=0.0, n_trajectories=16_384, trajectory_batch=2048, distill_steps=1000, distill_batch=256,
+            small_steps=600, small_lr=4e-4, decoder_steps=1500, decoder_batch=64, decoder_crop=128, judge_steps=600,
+            judge_batch=128,
+        )  # fmt: skip
+
+    @classmethod
     def smoke(cls) -> TrainConfig:
         """A few steps of everything: checks the whole pipeline end to end on a CPU."""
         return replace(
