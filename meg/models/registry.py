@@ -41,30 +41,26 @@ def model_dir(name: str = "meg-tiny") -> Path:
     return folder
 
 
-def _family(name: str) -> dict:
+def _training(name: str) -> dict:
+    """The family's training.json (configs, stage records, tuned settings); {} if absent."""
     path = model_dir(name) / "training.json"
-    return json.loads(path.read_text())["family"] if path.exists() else {}
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def default_steps(name: str = "meg-tiny") -> int:
     """Default number of student steps of family `name`."""
-    return int(_family(name).get("student_steps", 4))
-
-
-def _tuned(name: str) -> dict:
-    path = model_dir(name) / "training.json"
-    return json.loads(path.read_text()).get("tuned", {}) if path.exists() else {}
+    return int(_training(name).get("family", {}).get("student_steps", 4))
 
 
 def default_guidance(name: str = "meg-tiny", unet: Literal["student", "teacher"] = "student") -> float:
     """The guidance scale the student (or teacher) was distilled for, or the one chosen on
     the validation prompts by `meg eval tune` (recorded under "tuned" in training.json)."""
     key = f"{unet}_guidance"
-    tuned = _tuned(name).get(key)
+    training = _training(name)
+    tuned = training.get("tuned", {}).get(key)
     if tuned is not None:
         return float(tuned["value"])
-    fam = _family(name)
-    return float(fam.get(key, 2.5 if unet == "student" else 4.0))
+    return float(training.get("family", {}).get(key, 2.5 if unet == "student" else 4.0))
 
 
 def load_pipeline(

@@ -207,12 +207,12 @@ def _object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-pixel loss weight 1 + weight·[saturated pixel] for images x in [-1, 1] ([B,1,H,W]).
 
     Object colours are saturated and backgrounds are not (`meg.models.world`), so this
-    up-weights object pixels without needing their masks.
+    up-weights object pixels without needing their masks (the judge's saturation threshold).
     """
     rgb = (x + 1) / 2
     hi, lo = rgb.amax(dim=1, keepdim=True), rgb.amin(dim=1, keepdim=True)
     saturation = (hi - lo) / hi.clamp(min=1e-3)
-    return 1 + weight * (saturation > 0.33).float()
+    return 1 + weight * (saturation > judge_lib.DetectorConfig.min_saturation).float()
 
 
 def _latents(session: Session) -> torch.Tensor:
@@ -636,7 +636,7 @@ def stage_judge(session: Session) -> None:
     def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, len(scenes), (cfg.judge_batch,), generator=gen)
         y = judge_lib.scene_targets(scenes.select(idx)).to(session.device)
-        return {"bce": F.binary_cross_entropy_with_logits(net((_pixels(session, images[idx]) + 1) / 2), y)}
+        return {"bce": F.binary_cross_entropy_with_logits(net(images[idx].to(session.device).float() / 255), y)}
 
     run_loop(session, "judge", {"net": net}, opt, cfg.judge_steps, step)
     net.save(session.model_dir / "judge")
