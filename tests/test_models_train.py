@@ -129,3 +129,19 @@ def test_gpu_recipe_is_the_recipe_of_the_shipped_weights() -> None:
         for key, value in asdict(config).items():
             if key in recorded:
                 assert recorded[key] == (list(value) if isinstance(value, tuple) else value), key
+
+
+def test_frozen_text_teacher_and_absolute_decoder_loss(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    session = _session(tmp_path)
+    session.train = replace(session.train, teacher_text_lr=0.0, teacher_high_t=0.9, decoder_loss="absolute")
+    for stage in ("data", "vae", "text"):
+        run_stage(session, stage)
+    text_before = load_file(session.model_dir / "text_encoder" / "model.safetensors")
+    run_stage(session, "teacher")
+    text_after = load_file(session.model_dir / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)
+    assert (session.model_dir / "teacher_unet").is_dir()
+    session.train = replace(session.train, decoder_loss="relative_l1")
+    with pytest.raises(ValueError, match="relative_l1"):
+        run_stage(session, "decoder")

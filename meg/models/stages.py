@@ -402,32 +402,42 @@ def stage_teacher(session: Session) -> None:
     unet = build_unet(session.family).to(session.device)
     alphas = _alphas(session)
     empty = _empty_tokens(session)
-    opt = torch.optim.AdamW(
-        [{"params": unet.parameters(), "lr": cfg.teacher_lr}, {"params": text.parameters(), "lr": cfg.teacher_text_lr}],
-        weight_decay=0.01,
-    )
+    train_text = cfg.teacher_text_lr > 0
+    groups = [{"params": unet.parameters(), "lr": cfg.teacher_lr}]
+    if train_text:
+        groups.append({"params": text.parameters(), "lr": cfg.teacher_text_lr})
+    else:
+        text.requires_grad_(False).eval()
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
 
     def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, len(latents), (cfg.teacher_batch,), generator=gen)
+        b = cfg.teacher_batch
+        idx = torch.randint(0, len(latents), (b,), generator=gen)
         ids = _pick_tokens(data, idx, gen, empty, cfg.cond_dropout).to(session.device)
-        t = torch.randint(0, 1000, (cfg.teacher_batch,), generator=gen).to(session.device)
-        noise = torch.randn((cfg.teacher_batch, *latents.shape[1:]), generator=gen).to(session.device)
+        high = torch.rand(b, generator=gen) < cfg.teacher_high_t
+        t = torch.where(high, torch.randint(500, 1000, (b,), generator=gen), torch.randint(0, 500, (b,), generator=gen))
+        t = t.to(session.device)
+        noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(session.device)
         x0 = latents[idx.to(session.device)]
         a = alphas[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(xt, t, text(ids).last_hidden_state).sample
+        with torch.set_grad_enabled(train_text):
+            cond = text(ids).last_hidden_state
+        pred = unet(xt, t, cond).sample
         per_item = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         if cfg.teacher_min_snr > 0:
             snr = a.flatten() / (1 - a.flatten())
             per_item = per_item * snr.clamp(max=cfg.teacher_min_snr) / snr
         return {"eps_mse": per_item.mean()}
 
-    _, ema = run_loop(session, "teacher", {"unet": unet, "text": text}, opt, cfg.teacher_steps, step, ema_decay=cfg.ema_decay)
+    modules = {"unet": unet, "text": text} if train_text else {"unet": unet}
+    _, ema = run_loop(session, "teacher", modules, opt, cfg.teacher_steps, step, ema_decay=cfg.ema_decay)
     assert ema is not None
-    unet.load_state_dict(ema_state(ema, "unet"))
-    text.load_state_dict(ema_state(ema, "text"))
+    for name, module in modules.items():
+        module.load_state_dict(ema_state(ema, name))
     _save(unet, session.model_dir / "teacher_unet")
-    _save(text, session.model_dir / "text_encoder")
+    if train_text:
+        _save(text, session.model_dir / "text_encoder")
     build_scheduler("teacher", session.family).save_pretrained(session.model_dir / "teacher_scheduler")
     _write_index(session)
 
@@ -606,6 +616,9 @@ def stage_decoder(session: Session) -> None:
     pool = torch.cat([latents[: len(ends)], ends])
     opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=cfg.decoder_lr)
     lo, hi = cfg.decoder_sigma
+    if cfg.decoder_loss not in ("relative", "absolute"):
+        raise ValueError(f"decoder_loss must be 'relative' or 'absolute', got {cfg.decoder_loss!r}")
+    relative = cfg.decoder_loss == "relative"
 
     def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         b = cfg.decoder_batch
@@ -618,8 +631,12 @@ def stage_decoder(session: Session) -> None:
             both, _ = _random_crops(torch.cat([z, noisy], dim=1), cfg.decoder_crop // 8, gen)
             z, noisy = both[:, :4], both[:, 4:]
             target = (stock.decode(z / sf).sample.clamp(-1, 1) + 1) / 2
+            if relative:
+                baseline = ((stock.decode(noisy / sf).sample.clamp(-1, 1) + 1) / 2 - target).pow(2).mean(dim=(1, 2, 3))
         image = (vae.decode(noisy / sf).sample + 1) / 2
-        return {"image_mse": F.mse_loss(image, target)}
+        if not relative:
+            return {"image_mse": F.mse_loss(image, target)}
+        return {"relative_mse": ((image - target).pow(2).mean(dim=(1, 2, 3)) / baseline.clamp(min=1e-8)).mean()}
 
     run_loop(session, "decoder", {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, opt, cfg.decoder_steps, step)
     _save(vae, session.model_dir / "vae_merge")
