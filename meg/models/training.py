@@ -54,7 +54,7 @@ class TrainConfig:
     teacher_lr: float = 5e-4
     teacher_text_lr: float = 5e-5
     """The text encoder is fine-tuned with the teacher at this smaller rate; 0 freezes it
-    (no text backward pass: ~1.4× more teacher samples per second on a CPU)."""
+    (no text backward pass)."""
     teacher_high_t: float = 0.5
     """Fraction of teacher samples with t ≥ 500 (0.5: uniform t). Objects' shapes, colours
     and places are decided at t ≥ 500 (measured: re-noising ground-truth latents to
