@@ -414,9 +414,7 @@ def stage_teacher(session: Session) -> None:
         b = cfg.teacher_batch
         idx = torch.randint(0, len(latents), (b,), generator=gen)
         ids = _pick_tokens(data, idx, gen, empty, cfg.cond_dropout).to(session.device)
-        high = torch.rand(b, generator=gen) < cfg.teacher_high_t
-        t = torch.where(high, torch.randint(500, 1000, (b,), generator=gen), torch.randint(0, 500, (b,), generator=gen))
-        t = t.to(session.device)
+        t = torch.randint(0, 1000, (b,), generator=gen).to(session.device)
         noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(session.device)
         x0 = latents[idx.to(session.device)]
         a = alphas[t][:, None, None, None]
@@ -616,8 +614,6 @@ def stage_decoder(session: Session) -> None:
     pool = torch.cat([latents[: len(ends)], ends])
     opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=cfg.decoder_lr)
     lo, hi = cfg.decoder_sigma
-    if cfg.decoder_loss not in ("relative", "absolute"):
-        raise ValueError(f"decoder_loss must be 'relative' or 'absolute', got {cfg.decoder_loss!r}")
     relative = cfg.decoder_loss == "relative"
 
     def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:

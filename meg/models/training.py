@@ -55,10 +55,6 @@ class TrainConfig:
     teacher_text_lr: float = 5e-5
     """The text encoder is fine-tuned with the teacher at this smaller rate; 0 freezes it
     (no text backward pass)."""
-    teacher_high_t: float = 0.5
-    """Fraction of teacher samples with t ≥ 500 (0.5: uniform t). Objects' shapes, colours
-    and places are decided at t ≥ 500 (measured: re-noising ground-truth latents to
-    t = 400 and denoising keeps 86% of the shape accuracy, to t = 800 only 38%)."""
     teacher_min_snr: float = 5.0
     """Min-SNR-γ loss weighting of the teacher (Hang et al. 2023); 0 turns it off."""
     cond_dropout: float = 0.1
@@ -90,6 +86,10 @@ class TrainConfig:
     judge_lr: float = 2e-3
     checkpoint_every: int = 250
     warmup_steps: int = 200
+
+    def __post_init__(self) -> None:
+        if self.decoder_loss not in ("relative", "absolute"):
+            raise ValueError(f"decoder_loss must be 'relative' or 'absolute', got {self.decoder_loss!r}")
 
     @classmethod
     def gpu(cls) -> TrainConfig:
