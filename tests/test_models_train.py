@@ -146,3 +146,30 @@ def test_frozen_text_teacher_and_absolute_decoder_loss(tmp_path: Path) -> None:
     assert (session.model_dir / "vae_merge").is_dir()
     with pytest.raises(ValueError, match="relative_l1"):
         replace(session.train, decoder_loss="relative_l1")
+
+
+def test_decoder_continue_trains_vae_merge_and_keeps_the_recipe(trained: Session, tmp_path: Path) -> None:
+    import shutil
+
+    from meg.cli import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(trained.model_dir, model)
+    before_json = json.loads((model / "training.json").read_text())
+    before = load_file(model / "vae_merge" / "diffusion_pytorch_model.safetensors")
+    args = ["train", "decoder-continue", "--model-dir", str(model), "--work-dir", str(tmp_path / "work"), "--device", "cpu",
+            "--steps", "3", "--batch", "2", "--crop", "32", "--pool", "3"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    after = load_file(model / "vae_merge" / "diffusion_pytorch_model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    recorded = json.loads((model / "training.json").read_text())
+    assert recorded["train"] == before_json["train"] and recorded["decoder"] == before_json["decoder"]
+    cont = recorded["decoder_continue"]
+    assert cont["steps"] == 3 and cont["pool"] == 6 and cont["loss"] == "relative" and cont["crop"] == 32
+    write_cards(model)
+    assert "decoder-continue" in (model / "vae_merge" / "README.md").read_text()
+    for bad, name in (("30", "multiple of 8"), ("256", "larger than")):
+        refused = CliRunner().invoke(cli, [*args[:-6], "--crop", bad])
+        assert refused.exit_code != 0 and name in refused.output and bad in refused.output

@@ -79,8 +79,22 @@ def _stage_line(training: dict, stage: str) -> str:
     e = training.get(stage, {})
     if not e:
         return f"- {stage}: not trained"
-    return (f"- {stage}: {e.get('steps', '—')} steps, {e.get('time_s', e.get('wall_s', '—'))} s on {e.get('device', '—')}; "
+    line = (f"- {stage}: {e.get('steps', '—')} steps, {e.get('time_s', e.get('wall_s', '—'))} s on {e.get('device', '—')}; "
             f"final losses: {_fmt_losses(e)}")  # fmt: skip
+    if stage == "decoder_continue":
+        line += (f" (continued from `decoder` by `meg train decoder-continue`: batch {e.get('batch')}, {e.get('crop')}-px crops, "
+                 f"lr {e.get('lr')}, {e.get('loss')} loss, {e.get('pool')} latents)")  # fmt: skip
+    return line
+
+
+_STAGES = ("data", "vae", "text", "teacher", "distill", "small", "decoder", "judge")
+
+
+def _stages(training: dict) -> tuple[str, ...]:
+    """The stages of a family's record, with the optional decoder continuation after `decoder`."""
+    if "decoder_continue" not in training:
+        return _STAGES
+    return (*_STAGES[:7], "decoder_continue", *_STAGES[7:])
 
 
 def _tuned_lines(training: dict) -> list[str]:
@@ -119,7 +133,7 @@ def write_cards(model_dir: Path) -> None:
     gt = evaluation.get("judge_on_renders", {})
     rec = evaluation.get("judge_on_vae_reconstructions", {})
     dec = evaluation.get("decoder", {})
-    stage_s = sum(float(training.get(s, {}).get("wall_s", 0)) for s in ("data", "vae", "text", "teacher", "distill", "small", "decoder", "judge"))
+    stage_s = sum(float(training.get(s, {}).get("wall_s", 0)) for s in _STAGES)
     run = training.get("all", {})
     total_s = float(run.get("wall_s", stage_s))
     where = training.get("teacher", {}).get("device", "—")
@@ -159,7 +173,7 @@ def write_cards(model_dir: Path) -> None:
             f"({100 * dec['reduction']:.1f}% lower).",
             "",
         ]
-    top += ["**Stages.**", ""] + [_stage_line(training, s) for s in ("data", "vae", "text", "teacher", "distill", "small", "decoder", "judge")]
+    top += ["**Stages.**", ""] + [_stage_line(training, s) for s in _stages(training)]
     if "cpu_estimate" in training:
         top += ["", f"**CPU estimate.** {training['cpu_estimate']['text']}"]
     (model_dir / "README.md").write_text("\n".join(top) + "\n")
@@ -170,10 +184,11 @@ def write_cards(model_dir: Path) -> None:
         "teacher_unet": ("teacher", f"ε-prediction UNet {fam['unet_channels']}, EMA weights; DDIM {fam['teacher_steps']} steps, guidance {fam['teacher_guidance']}. Held-out fidelity {f('teacher/' + str(fam['teacher_steps']) + '/heldout')}."),
         "unet": ("distill", f"Few-step student: consistency distillation on teacher PF-ODE trajectories, for guidance {fam['student_guidance']}, LCMScheduler. Held-out fidelity 1/2/4/8 steps: {f('student/1/heldout')} / {f('student/2/heldout')} / {f('student/4/heldout')} / {f('student/8/heldout')}."),
         "small_unet": ("small", f"Device UNet {fam['small_channels']}, distilled like the student from scratch. Held-out fidelity at 4 steps: {f('small/4/heldout')}."),
-        "vae_merge": ("decoder", "VAE with the decoder fine-tuned on merged (ratio U(0, 0.75)) + noisy (σ U(0.05, 0.3)) latents." + (f" MSE reduction at ratio 0.5, σ 0.1: {100 * dec['reduction']:.1f}%." if dec else "")),
+        "vae_merge": (("decoder", "decoder_continue"), "VAE with the decoder fine-tuned on merged (ratio U(0, 0.75)) + noisy (σ U(0.05, 0.3)) latents." + (f" MSE reduction at ratio 0.5, σ 0.1: {100 * dec['reduction']:.1f}%." if dec else "")),
         "judge": ("judge", "Feature network (5 strided convs, 128-d features) of the judge's Fréchet distance, trained to predict scene content from renders."),
     }
     for folder, (stage, text) in per_folder.items():
         if (model_dir / folder).exists():
-            lines = [f"# {fam['name']} / {folder}", "", text, "", f"Data: {data_text}", "", "Training:", _stage_line(training, stage)]
+            stages = [s for s in ((stage,) if isinstance(stage, str) else stage) if s in _stages(training)]
+            lines = [f"# {fam['name']} / {folder}", "", text, "", f"Data: {data_text}", "", "Training:", *(_stage_line(training, s) for s in stages)]
             (model_dir / folder / "README.md").write_text("\n".join(lines) + "\n")

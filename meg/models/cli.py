@@ -84,6 +84,60 @@ for _name in _STAGE_ORDER:
     train.add_command(_make_stage_command(_name))
 
 
+def _recorded_session(work_dir: Path, model_dir: Path, device: str):
+    """A session with the family's own recorded configs (training.json), so that what it
+    records leaves the family's recipe as it was."""
+    from dataclasses import fields
+
+    from meg.models.family import FamilyConfig
+    from meg.models.training import TrainConfig
+
+    path = model_dir / "training.json"
+    if not path.exists():
+        raise click.BadParameter(f"{str(model_dir)!r} holds no training.json (train the family first)", param_hint="--model-dir")
+    recorded = json.loads(path.read_text())
+
+    def build(cls, values: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+    session = _session(work_dir, model_dir, device, smoke=False)
+    session.family, session.train = build(FamilyConfig, recorded["family"]), build(TrainConfig, recorded["train"])
+    return session
+
+
+@train.command(name="decoder-continue")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/meg-tiny"), show_default=True)
+@click.option("--model-dir", type=click.Path(path_type=Path), default=MODELS_ROOT / "meg-tiny", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default).")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--batch", type=int, default=32, show_default=True)
+@click.option("--crop", type=click.IntRange(min=8), default=64, show_default=True, help="Crop side in pixels (multiple of 8).")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--loss", type=click.Choice(["relative", "absolute"]), default="relative", show_default=True)
+@click.option("--pool", type=int, default=1024, show_default=True, help="Fresh scenes encoded, and as many student samples of their captions.")
+def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, crop: int, lr: float, loss: str, pool: int) -> None:
+    """Continue training the family's merge-aware decoder (vae_merge) on a CPU-sized budget.
+
+    Keeps the family's recipe in training.json and records the continuation under
+    "decoder_continue"; measure with `meg eval decoder`.
+    """
+    from meg.models.stages import continue_decoder
+
+    if crop % 8:
+        raise click.BadParameter(f"crop must be a multiple of 8, got {crop}", param_hint="--crop")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    session = _recorded_session(work_dir, model_dir, device)
+    if crop > session.family.image_size:
+        raise click.BadParameter(f"crop {crop} is larger than the family's {session.family.image_size}-px images", param_hint="--crop")
+    elapsed = continue_decoder(session, steps=steps, batch=batch, crop=crop, lr=lr, loss=loss, pool=pool)
+    click.echo(f"decoder-continue: {elapsed:.1f} s on {session.device}; wrote {model_dir / 'vae_merge'}")
+
+
 @train.command(name="all")
 @_options
 @click.option("--skip-eval", is_flag=True, help="Do not measure the family after training.")

@@ -18,7 +18,7 @@ from meg.models import judge
 from meg.models.captions import PromptSpec, parse_prompt
 from meg.models.world import render
 
-__all__ = ["decoder_mse", "evaluate_fidelity", "generate", "ground_truth_fidelity", "read_prompts"]
+__all__ = ["decoder_mse", "evaluate_fidelity", "generate", "ground_truth_fidelity", "read_prompts", "student_latents"]
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -127,6 +127,23 @@ def evaluate_fidelity(
     return result
 
 
+def student_latents(name: str, prompts: list[str], *, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """Scaled latents [N,4,16,16] (float32) of the family's student samples of `prompts` at its
+    default steps and guidance; batch k starts from generator seed `seed + k·batch_size`."""
+    from meg.models import registry
+
+    pipe = registry.load_pipeline(name, merge_decoder=False).to(device)
+    latents = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        g = torch.Generator().manual_seed(seed + start)
+        with torch.no_grad():
+            out = pipe(prompt=chunk, num_inference_steps=registry.default_steps(name), guidance_scale=registry.default_guidance(name),
+                       latents=torch.randn((len(chunk), 4, 16, 16), generator=g).to(device), generator=g, output_type="latent", height=128, width=128)  # fmt: skip
+        latents.append(out.images.float())
+    return torch.cat(latents)
+
+
 def decoder_mse(name: str, *, ratio: float = 0.5, sigma: float = 0.1, n: int = 128, seed: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
     """Image MSE vs the clean reference after merge(ratio) + noise(σ) + unmerge, stock vs merge-aware decoder.
 
@@ -141,17 +158,7 @@ def decoder_mse(name: str, *, ratio: float = 0.5, sigma: float = 0.1, n: int = 1
     folder = registry.model_dir(name)
     stock = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device)
     merged = AutoencoderKL.from_pretrained(folder / "vae_merge", torch_dtype=torch.float32).to(device)
-    pipe = registry.load_pipeline(name, merge_decoder=False).to(device)
-    prompts = read_prompts(folder / "prompts" / "indist.txt")[:n]
-    latents = []
-    for start in range(0, len(prompts), 64):
-        chunk = prompts[start : start + 64]
-        g = torch.Generator().manual_seed(seed + start)
-        with torch.no_grad():
-            out = pipe(prompt=chunk, num_inference_steps=registry.default_steps(name), guidance_scale=registry.default_guidance(name),
-                       latents=torch.randn((len(chunk), 4, 16, 16), generator=g).to(device), generator=g, output_type="latent", height=128, width=128)  # fmt: skip
-        latents.append(out.images.float())
-    z = torch.cat(latents)
+    z = student_latents(name, read_prompts(folder / "prompts" / "indist.txt")[:n], seed=seed, device=device)
     sf = float(stock.config.scaling_factor)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -56,7 +56,7 @@ from meg.models.world import (
     sample_scenes,
 )
 
-__all__ = ["PROMPT_SETS", "STAGES", "caption_labels", "run_stage", "write_prompt_files"]
+__all__ = ["PROMPT_SETS", "STAGES", "caption_labels", "continue_decoder", "run_stage", "write_prompt_files"]
 
 _COLOURS = list(OBJECT_COLOURS)
 _BG = list(BACKGROUND_COLOURS)
@@ -601,30 +601,27 @@ def merge_noise_unmerge(latent: torch.Tensor, ratio: float, sigma: torch.Tensor,
     return unmerge_latent(tokens, merged.gather_index, merged.latent_shape, merged.grouping).to(latent.device, latent.dtype)
 
 
-def stage_decoder(session: Session) -> None:
+def _train_decoder(session: Session, stage: str, vae: Any, pool: torch.Tensor, *, steps: int, batch: int, crop: int, lr: float, loss: str) -> None:
+    """Fine-tune vae's decoder on `pool` latents passed through merge + noise + unmerge
+    (ratio U(0, decoder_max_ratio), σ U(decoder_sigma)); target: the stock decoder's image of
+    the clean latent. Writes model_dir/vae_merge."""
     cfg = session.train
-    torch.manual_seed(cfg.seed)
     stock = _load_vae(session)
-    vae = _load_vae(session)
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     sf = float(vae.config.scaling_factor)
-    latents = _latents(session)
-    ends = _trajectories(session)["ends"]
-    pool = torch.cat([latents[: len(ends)], ends])
-    opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=cfg.decoder_lr)
+    opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=lr)
     lo, hi = cfg.decoder_sigma
-    relative = cfg.decoder_loss == "relative"
+    relative = loss == "relative"
 
     def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        b = cfg.decoder_batch
-        z = pool[torch.randint(0, len(pool), (b,), generator=gen).to(session.device)]
-        sigma = lo + (hi - lo) * torch.rand(b, generator=gen)
+        z = pool[torch.randint(0, len(pool), (batch,), generator=gen).to(session.device)]
+        sigma = lo + (hi - lo) * torch.rand(batch, generator=gen)
         ratio = float(torch.rand((), generator=gen)) * cfg.decoder_max_ratio
         with torch.no_grad():
             # merge + noise + unmerge act on the whole latent; the decoders see the same crop of both
             noisy = merge_noise_unmerge(z, ratio, sigma, gen)
-            both, _ = _random_crops(torch.cat([z, noisy], dim=1), cfg.decoder_crop // 8, gen)
+            both, _ = _random_crops(torch.cat([z, noisy], dim=1), crop // 8, gen)
             z, noisy = both[:, :4], both[:, 4:]
             target = (stock.decode(z / sf).sample.clamp(-1, 1) + 1) / 2
             if relative:
@@ -634,8 +631,50 @@ def stage_decoder(session: Session) -> None:
             return {"image_mse": F.mse_loss(image, target)}
         return {"relative_mse": ((image - target).pow(2).mean(dim=(1, 2, 3)) / baseline.clamp(min=1e-8)).mean()}
 
-    run_loop(session, "decoder", {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, opt, cfg.decoder_steps, step)
+    run_loop(session, stage, {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, opt, steps, step)
     _save(vae, session.model_dir / "vae_merge")
+
+
+def stage_decoder(session: Session) -> None:
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    latents = _latents(session)
+    ends = _trajectories(session)["ends"]
+    pool = torch.cat([latents[: len(ends)], ends])
+    _train_decoder(session, "decoder", _load_vae(session), pool, steps=cfg.decoder_steps, batch=cfg.decoder_batch,
+                   crop=cfg.decoder_crop, lr=cfg.decoder_lr, loss=cfg.decoder_loss)  # fmt: skip
+
+
+def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr: float, loss: str, pool: int) -> float:
+    """Continue training the family's merge-aware decoder (model_dir/vae_merge) on the CPU-sized
+    budget given, recorded under "decoder_continue" in training.json; returns the wall time.
+
+    The pool: `pool` fresh training-distribution scenes, encoded (real latents), and the
+    student's samples of their captions (the latents MEG's device decodes). The family's
+    recipe (`session.train`) is left as it was; the continuation's own settings are recorded.
+    """
+    from meg.models.evaluate import student_latents
+
+    if loss not in ("relative", "absolute"):
+        raise ValueError(f"loss must be 'relative' or 'absolute', got {loss!r}")
+    t0 = time.perf_counter()
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    scenes = sample_scenes(pool, cfg.seed + 404)
+    rng = np.random.default_rng(cfg.seed + 404)
+    captions = [caption_scene(scenes, i, rng)[0] for i in range(pool)]
+    vae = _load_vae(session)
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, pool, 256), desc="encode scenes", disable=not session.progress):
+            images, _ = render(scenes.select(slice(start, start + 256)), device=session.device)
+            chunks.append(vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
+    sampled = student_latents(str(session.model_dir.resolve()), captions, seed=cfg.seed + 404, device=session.device)
+    latents = torch.cat([torch.cat(chunks), sampled.to(session.device)])
+    _train_decoder(session, "decoder_continue", _load_vae(session, "vae_merge"), latents, steps=steps, batch=batch, crop=crop, lr=lr, loss=loss)
+    elapsed = time.perf_counter() - t0
+    session.record("decoder_continue", batch=batch, crop=crop, lr=lr, loss=loss, pool=2 * pool, wall_s=round(elapsed, 1))
+    return elapsed
 
 
 def stage_judge(session: Session) -> None:
