@@ -161,9 +161,10 @@ def write_cards(model_dir: Path) -> None:
         "",
         *_tuned_lines(training),
         f"Judge on ground-truth renders: held-out {gt.get('heldout', {}).get('fidelity', float('nan')):.3f}, "
-        f"in-distribution {gt.get('indist', {}).get('fidelity', float('nan')):.3f}; on the same renders passed through the VAE "
-        f"(the ceiling of any latent model with this autoencoder): held-out {rec.get('heldout', {}).get('fidelity', float('nan')):.3f}, "
-        f"in-distribution {rec.get('indist', {}).get('fidelity', float('nan')):.3f}.",
+        f"in-distribution {gt.get('indist', {}).get('fidelity', float('nan')):.3f}"
+        + (f"; on the same renders passed through the VAE (the ceiling of any latent model with this autoencoder): "
+           f"held-out {rec.get('heldout', {}).get('fidelity', float('nan')):.3f}, "
+           f"in-distribution {rec.get('indist', {}).get('fidelity', float('nan')):.3f}." if rec else "."),
         "",
     ]
     if dec:

@@ -85,8 +85,8 @@ for _name in _STAGE_ORDER:
 
 
 def _recorded_session(work_dir: Path, model_dir: Path, device: str):
-    """A session with the family's own recorded configs (training.json), so that what it
-    records leaves the family's recipe as it was."""
+    """A session with the family's own recorded configs (training.json; fields the record
+    lacks take the defaults) that leaves the recorded recipe as it was."""
     from dataclasses import fields
 
     from meg.models.family import FamilyConfig
@@ -103,6 +103,7 @@ def _recorded_session(work_dir: Path, model_dir: Path, device: str):
 
     session = _session(work_dir, model_dir, device, smoke=False)
     session.family, session.train = build(FamilyConfig, recorded["family"]), build(TrainConfig, recorded["train"])
+    session.record_configs = False
     return session
 
 

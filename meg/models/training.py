@@ -129,6 +129,9 @@ class Session:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
     cache: dict[str, Any] = field(default_factory=dict)
+    record_configs: bool = True
+    """Whether `record` writes `family` and `train` into training.json (off when continuing a
+    trained family, whose recorded recipe must stay as it was)."""
 
     def stage_dir(self, stage: str) -> Path:
         path = self.work_dir / stage
@@ -142,8 +145,9 @@ class Session:
         data = json.loads(path.read_text()) if path.exists() else {}
         entry = data.setdefault(stage, {})
         entry.update(values)
-        data["family"] = asdict(self.family)
-        data["train"] = asdict(self.train)
+        if self.record_configs:
+            data["family"] = asdict(self.family)
+            data["train"] = asdict(self.train)
         path.write_text(json.dumps(data, indent=1, default=str))
 
 
