@@ -160,7 +160,7 @@ def test_decoder_continue_trains_vae_merge_and_keeps_the_recipe(trained: Session
     (model / "training.json").write_text(json.dumps(before_json))
     before = load_file(model / "vae_merge" / "diffusion_pytorch_model.safetensors")
     args = ["train", "decoder-continue", "--model-dir", str(model), "--work-dir", str(tmp_path / "work"), "--device", "cpu",
-            "--steps", "3", "--batch", "2", "--crop", "32", "--pool", "3"]  # fmt: skip
+            "--steps", "3", "--batch", "2", "--crop", "32", "--pool", "3", "--loss", "relative"]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     after = load_file(model / "vae_merge" / "diffusion_pytorch_model.safetensors")
@@ -176,3 +176,30 @@ def test_decoder_continue_trains_vae_merge_and_keeps_the_recipe(trained: Session
     for bad, name in (("30", "multiple of 8"), ("256", "larger than")):
         refused = CliRunner().invoke(cli, [*args[:-6], "--crop", bad])
         assert refused.exit_code != 0 and name in refused.output and bad in refused.output
+
+
+def test_teacher_continue_trains_the_teacher_only_and_keeps_the_recipe(trained: Session, tmp_path: Path) -> None:
+    import shutil
+
+    from meg.cli import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(trained.model_dir, model)
+    before_json = json.loads((model / "training.json").read_text())
+    teacher = load_file(model / "teacher_unet" / "diffusion_pytorch_model.safetensors")
+    text = load_file(model / "text_encoder" / "model.safetensors")
+    args = ["train", "teacher-continue", "--model-dir", str(model), "--work-dir", str(tmp_path / "work"), "--device", "cpu",
+            "--steps", "3", "--batch", "2", "--scenes", "5", "--min-snr", "5"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    after = load_file(model / "teacher_unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(teacher[k], after[k]) for k in teacher)
+    text_after = load_file(model / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(text[k], text_after[k]) for k in text)
+    recorded = json.loads((model / "training.json").read_text())
+    assert recorded["train"] == before_json["train"] and recorded["teacher"] == before_json["teacher"]
+    cont = recorded["teacher_continue"]
+    assert cont["steps"] == 3 and cont["scenes"] == 5 and cont["min_snr"] == 5.0
+    pipe = registry.load_pipeline(str(model), unet="teacher", merge_decoder=False)
+    image = pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, output_type="pt", height=128, width=128).images
+    assert torch.isfinite(image).all()

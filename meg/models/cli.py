@@ -107,18 +107,31 @@ def _recorded_session(work_dir: Path, model_dir: Path, device: str):
     return session
 
 
+def _continue_options(fn):
+    fn = click.option("--lr", type=float, default=5e-5, show_default=True)(fn)
+    fn = click.option("--batch", type=int, default=16, show_default=True)(fn)
+    fn = click.option("--steps", type=int, default=600, show_default=True)(fn)
+    fn = click.option("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default).")(fn)
+    fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
+    fn = click.option("--model-dir", type=click.Path(path_type=Path), default=MODELS_ROOT / "meg-tiny", show_default=True)(fn)
+    fn = click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/meg-tiny"), show_default=True)(fn)
+    return fn
+
+
+def _continue_session(work_dir: Path, model_dir: Path, device: str, threads: int):
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return _recorded_session(work_dir, model_dir, device)
+
+
 @train.command(name="decoder-continue")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/meg-tiny"), show_default=True)
-@click.option("--model-dir", type=click.Path(path_type=Path), default=MODELS_ROOT / "meg-tiny", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default).")
-@click.option("--steps", type=int, default=1000, show_default=True)
-@click.option("--batch", type=int, default=32, show_default=True)
-@click.option("--crop", type=click.IntRange(min=8), default=64, show_default=True, help="Crop side in pixels (multiple of 8).")
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--loss", type=click.Choice(["relative", "absolute"]), default="relative", show_default=True)
+@_continue_options
+@click.option("--crop", type=click.IntRange(min=8), default=128, show_default=True, help="Crop side in pixels (multiple of 8).")
+@click.option("--loss", type=click.Choice(["relative", "absolute"]), default="absolute", show_default=True)
 @click.option("--pool", type=int, default=1024, show_default=True, help="Fresh scenes encoded, and as many student samples of their captions.")
-def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, crop: int, lr: float, loss: str, pool: int) -> None:
+def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, lr: float, crop: int, loss: str, pool: int) -> None:
     """Continue training the family's merge-aware decoder (vae_merge) on a CPU-sized budget.
 
     Keeps the family's recipe in training.json and records the continuation under
@@ -128,15 +141,28 @@ def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
 
     if crop % 8:
         raise click.BadParameter(f"crop must be a multiple of 8, got {crop}", param_hint="--crop")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    session = _recorded_session(work_dir, model_dir, device)
+    session = _continue_session(work_dir, model_dir, device, threads)
     if crop > session.family.image_size:
         raise click.BadParameter(f"crop {crop} is larger than the family's {session.family.image_size}-px images", param_hint="--crop")
     elapsed = continue_decoder(session, steps=steps, batch=batch, crop=crop, lr=lr, loss=loss, pool=pool)
     click.echo(f"decoder-continue: {elapsed:.1f} s on {session.device}; wrote {model_dir / 'vae_merge'}")
+
+
+@train.command(name="teacher-continue")
+@_continue_options
+@click.option("--min-snr", type=float, default=0.0, show_default=True, help="Min-SNR-γ loss weighting (0: off).")
+@click.option("--scenes", type=int, default=16_384, show_default=True, help="Fresh training-distribution scenes to train on.")
+def teacher_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, lr: float, min_snr: float, scenes: int) -> None:
+    """Continue training the family's teacher UNet (text encoder frozen) on a CPU-sized budget.
+
+    Keeps the family's recipe in training.json and records the continuation under
+    "teacher_continue"; measure with `meg eval fidelity --unet teacher`.
+    """
+    from meg.models.stages import continue_teacher
+
+    session = _continue_session(work_dir, model_dir, device, threads)
+    elapsed = continue_teacher(session, steps=steps, batch=batch, lr=lr, min_snr=min_snr, scenes=scenes)
+    click.echo(f"teacher-continue: {elapsed:.1f} s on {session.device}; wrote {model_dir / 'teacher_unet'}")
 
 
 @train.command(name="all")

@@ -56,7 +56,7 @@ from meg.models.world import (
     sample_scenes,
 )
 
-__all__ = ["PROMPT_SETS", "STAGES", "caption_labels", "continue_decoder", "run_stage", "write_prompt_files"]
+__all__ = ["PROMPT_SETS", "STAGES", "caption_labels", "continue_decoder", "continue_teacher", "run_stage", "write_prompt_files"]
 
 _COLOURS = list(OBJECT_COLOURS)
 _BG = list(BACKGROUND_COLOURS)
@@ -393,29 +393,28 @@ def stage_text(session: Session) -> None:
     session.record("text", caption_exact_match=exact)
 
 
-def stage_teacher(session: Session) -> None:
+def _train_teacher(session: Session, stage: str, unet: Any, data: dict[str, Any], latents: torch.Tensor, *, steps: int, batch: int,
+                   lr: float, text_lr: float, min_snr: float) -> None:  # fmt: skip
+    """ε-prediction training of `unet` on `latents` with captions data["tokens"] (CFG dropout,
+    EMA weights), the text encoder fine-tuned at `text_lr` (0 freezes it); writes the
+    EMA weights to model_dir/teacher_unet (and text_encoder when it trained)."""
     cfg = session.train
-    torch.manual_seed(cfg.seed)
-    data = _data(session)
-    latents = _latents(session)
     text = _load_text(session)
-    unet = build_unet(session.family).to(session.device)
     alphas = _alphas(session)
     empty = _empty_tokens(session)
-    train_text = cfg.teacher_text_lr > 0
-    groups = [{"params": unet.parameters(), "lr": cfg.teacher_lr}]
+    train_text = text_lr > 0
+    groups = [{"params": unet.parameters(), "lr": lr}]
     if train_text:
-        groups.append({"params": text.parameters(), "lr": cfg.teacher_text_lr})
+        groups.append({"params": text.parameters(), "lr": text_lr})
     else:
         text.requires_grad_(False).eval()
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
 
     def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        b = cfg.teacher_batch
-        idx = torch.randint(0, len(latents), (b,), generator=gen)
+        idx = torch.randint(0, len(latents), (batch,), generator=gen)
         ids = _pick_tokens(data, idx, gen, empty, cfg.cond_dropout).to(session.device)
-        t = torch.randint(0, 1000, (b,), generator=gen).to(session.device)
-        noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(session.device)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(session.device)
+        noise = torch.randn((batch, *latents.shape[1:]), generator=gen).to(session.device)
         x0 = latents[idx.to(session.device)]
         a = alphas[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -423,19 +422,27 @@ def stage_teacher(session: Session) -> None:
             cond = text(ids).last_hidden_state
         pred = unet(xt, t, cond).sample
         per_item = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        if cfg.teacher_min_snr > 0:
+        if min_snr > 0:
             snr = a.flatten() / (1 - a.flatten())
-            per_item = per_item * snr.clamp(max=cfg.teacher_min_snr) / snr
+            per_item = per_item * snr.clamp(max=min_snr) / snr
         return {"eps_mse": per_item.mean()}
 
     modules = {"unet": unet, "text": text} if train_text else {"unet": unet}
-    _, ema = run_loop(session, "teacher", modules, opt, cfg.teacher_steps, step, ema_decay=cfg.ema_decay)
+    _, ema = run_loop(session, stage, modules, opt, steps, step, ema_decay=cfg.ema_decay)
     assert ema is not None
     for name, module in modules.items():
         module.load_state_dict(ema_state(ema, name))
     _save(unet, session.model_dir / "teacher_unet")
     if train_text:
         _save(text, session.model_dir / "text_encoder")
+
+
+def stage_teacher(session: Session) -> None:
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    _train_teacher(session, "teacher", build_unet(session.family).to(session.device), _data(session), _latents(session),
+                   steps=cfg.teacher_steps, batch=cfg.teacher_batch, lr=cfg.teacher_lr, text_lr=cfg.teacher_text_lr,
+                   min_snr=cfg.teacher_min_snr)  # fmt: skip
     build_scheduler("teacher", session.family).save_pretrained(session.model_dir / "teacher_scheduler")
     _write_index(session)
 
@@ -645,6 +652,18 @@ def stage_decoder(session: Session) -> None:
                    crop=cfg.decoder_crop, lr=cfg.decoder_lr, loss=cfg.decoder_loss)  # fmt: skip
 
 
+def _fresh_latents(session: Session, n: int, seed: int) -> tuple[Scenes, torch.Tensor]:
+    """`n` fresh training-distribution scenes (seeded) and their scaled posterior means."""
+    scenes = sample_scenes(n, seed)
+    vae = _load_vae(session)
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, n, 256), desc="encode scenes", disable=not session.progress):
+            images, _ = render(scenes.select(slice(start, start + 256)), device=session.device)
+            chunks.append(vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
+    return scenes, torch.cat(chunks)
+
+
 def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr: float, loss: str, pool: int) -> float:
     """Continue training the family's merge-aware decoder (model_dir/vae_merge) on the CPU-sized
     budget given, recorded under "decoder_continue" in training.json; returns the wall time.
@@ -660,20 +679,36 @@ def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr:
     t0 = time.perf_counter()
     cfg = session.train
     torch.manual_seed(cfg.seed)
-    scenes = sample_scenes(pool, cfg.seed + 404)
+    scenes, real = _fresh_latents(session, pool, cfg.seed + 404)
     rng = np.random.default_rng(cfg.seed + 404)
     captions = [caption_scene(scenes, i, rng)[0] for i in range(pool)]
-    vae = _load_vae(session)
-    chunks = []
-    with torch.no_grad():
-        for start in tqdm(range(0, pool, 256), desc="encode scenes", disable=not session.progress):
-            images, _ = render(scenes.select(slice(start, start + 256)), device=session.device)
-            chunks.append(vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
     sampled = student_latents(str(session.model_dir.resolve()), captions, seed=cfg.seed + 404, device=session.device)
-    latents = torch.cat([torch.cat(chunks), sampled.to(session.device)])
+    latents = torch.cat([real, sampled.to(session.device)])
     _train_decoder(session, "decoder_continue", _load_vae(session, "vae_merge"), latents, steps=steps, batch=batch, crop=crop, lr=lr, loss=loss)
     elapsed = time.perf_counter() - t0
     session.record("decoder_continue", batch=batch, crop=crop, lr=lr, loss=loss, pool=2 * pool, wall_s=round(elapsed, 1))
+    return elapsed
+
+
+def continue_teacher(session: Session, *, steps: int, batch: int, lr: float, min_snr: float, scenes: int) -> float:
+    """Continue training the family's teacher (model_dir/teacher_unet, text encoder frozen) on
+    `scenes` fresh training-distribution scenes with `captions_per_scene` paraphrases each,
+    recorded under "teacher_continue"; returns the wall time. The recipe is left as it was."""
+    t0 = time.perf_counter()
+    cfg = session.train
+    torch.manual_seed(cfg.seed)
+    fresh, latents = _fresh_latents(session, scenes, cfg.seed + 505)
+    rng = np.random.default_rng(cfg.seed + 505)
+    texts = [caption_scene(fresh, i, rng)[0] for i in range(scenes) for _ in range(cfg.captions_per_scene)]
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(session.model_dir / "tokenizer")  # the family's own vocabulary
+    ids = tok(texts, padding="max_length", max_length=session.family.max_tokens, truncation=True, return_tensors="pt").input_ids
+    data = {"tokens": ids.view(scenes, cfg.captions_per_scene, -1)}
+    _train_teacher(session, "teacher_continue", _load_unet(session, "teacher_unet"), data, latents, steps=steps, batch=batch, lr=lr,
+                   text_lr=0.0, min_snr=min_snr)  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    session.record("teacher_continue", batch=batch, lr=lr, min_snr=min_snr, scenes=scenes, wall_s=round(elapsed, 1))
     return elapsed
 
 
