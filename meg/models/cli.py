@@ -17,12 +17,14 @@ __all__ = ["eval_group", "train"]
 _STAGE_ORDER = ("data", "vae", "text", "teacher", "distill", "judge", "decoder", "small")
 
 
-def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress: bool = True, recipe: str = "cpu"):
+def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress: bool = True, recipe: str = "cpu", threads: int = 0):
     import torch
 
     from meg.models.family import FamilyConfig
     from meg.models.training import Session, TrainConfig
 
+    if threads:
+        torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -40,14 +42,20 @@ def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress
     )
 
 
-def _options(fn):
+def _where_options(fn):
+    """Options of every training command: folders, device, threads."""
     fn = click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/meg-tiny"), show_default=True,
                       help="Checkpoints, loss logs and loss-curve PNGs.")(fn)  # fmt: skip
     fn = click.option("--model-dir", type=click.Path(path_type=Path), default=MODELS_ROOT / "meg-tiny", show_default=True,
                       help="Where the trained components are written (diffusers folders).")(fn)  # fmt: skip
     fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
-    fn = click.option("--tiny", "smoke", is_flag=True, help="Miniature models and a few steps (smoke test).")(fn)
     fn = click.option("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default).")(fn)
+    return fn
+
+
+def _options(fn):
+    fn = _where_options(fn)
+    fn = click.option("--tiny", "smoke", is_flag=True, help="Miniature models and a few steps (smoke test).")(fn)
     fn = click.option("--recipe", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
                       help="cpu: the family sized to retrain on a 2-core CPU in < 90 min; gpu: the larger family "
                            "of the shipped weights.")(fn)  # fmt: skip
@@ -68,11 +76,7 @@ def _make_stage_command(name: str) -> click.Command:
     def command(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, recipe: str) -> None:
         from meg.models.stages import run_stage
 
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        session = _session(work_dir, model_dir, device, smoke, recipe=recipe)
+        session = _session(work_dir, model_dir, device, smoke, recipe=recipe, threads=threads)
         elapsed = run_stage(session, name)
         click.echo(f"{name}: {elapsed:.1f} s on {session.device}; wrote {model_dir}")
 
@@ -84,7 +88,7 @@ for _name in _STAGE_ORDER:
     train.add_command(_make_stage_command(_name))
 
 
-def _recorded_session(work_dir: Path, model_dir: Path, device: str):
+def _recorded_session(work_dir: Path, model_dir: Path, device: str, threads: int):
     """A session with the family's own recorded configs (training.json; fields the record
     lacks take the defaults) that leaves the recorded recipe as it was."""
     from dataclasses import fields
@@ -101,7 +105,7 @@ def _recorded_session(work_dir: Path, model_dir: Path, device: str):
         names = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
 
-    session = _session(work_dir, model_dir, device, smoke=False)
+    session = _session(work_dir, model_dir, device, smoke=False, threads=threads)
     session.family, session.train = build(FamilyConfig, recorded["family"]), build(TrainConfig, recorded["train"])
     session.record_configs = False
     return session
@@ -111,19 +115,7 @@ def _continue_options(fn):
     fn = click.option("--lr", type=float, default=5e-5, show_default=True)(fn)
     fn = click.option("--batch", type=int, default=16, show_default=True)(fn)
     fn = click.option("--steps", type=int, default=600, show_default=True)(fn)
-    fn = click.option("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default).")(fn)
-    fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
-    fn = click.option("--model-dir", type=click.Path(path_type=Path), default=MODELS_ROOT / "meg-tiny", show_default=True)(fn)
-    fn = click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/meg-tiny"), show_default=True)(fn)
-    return fn
-
-
-def _continue_session(work_dir: Path, model_dir: Path, device: str, threads: int):
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    return _recorded_session(work_dir, model_dir, device)
+    return _where_options(fn)
 
 
 @train.command(name="decoder-continue")
@@ -141,7 +133,7 @@ def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
 
     if crop % 8:
         raise click.BadParameter(f"crop must be a multiple of 8, got {crop}", param_hint="--crop")
-    session = _continue_session(work_dir, model_dir, device, threads)
+    session = _recorded_session(work_dir, model_dir, device, threads)
     if crop > session.family.image_size:
         raise click.BadParameter(f"crop {crop} is larger than the family's {session.family.image_size}-px images", param_hint="--crop")
     elapsed = continue_decoder(session, steps=steps, batch=batch, crop=crop, lr=lr, loss=loss, pool=pool)
@@ -160,7 +152,7 @@ def teacher_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
     """
     from meg.models.stages import continue_teacher
 
-    session = _continue_session(work_dir, model_dir, device, threads)
+    session = _recorded_session(work_dir, model_dir, device, threads)
     elapsed = continue_teacher(session, steps=steps, batch=batch, lr=lr, min_snr=min_snr, scenes=scenes)
     click.echo(f"teacher-continue: {elapsed:.1f} s on {session.device}; wrote {model_dir / 'teacher_unet'}")
 
@@ -174,11 +166,7 @@ def train_all(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads
     from meg.models.cards import write_cards
     from meg.models.stages import run_stage
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    session = _session(work_dir, model_dir, device, smoke, recipe=recipe)
+    session = _session(work_dir, model_dir, device, smoke, recipe=recipe, threads=threads)
     t0 = time.perf_counter()
     for name in _STAGE_ORDER[_STAGE_ORDER.index(from_stage):]:
         elapsed = run_stage(session, name)
