@@ -200,6 +200,9 @@ def test_teacher_continue_trains_the_teacher_only_and_keeps_the_recipe(trained: 
     assert recorded["train"] == before_json["train"] and recorded["teacher"] == before_json["teacher"]
     cont = recorded["teacher_continue"]
     assert cont["steps"] == 3 and cont["scenes"] == 5 and cont["min_snr"] == 5.0
+    write_cards(model)
+    card = (model / "README.md").read_text()
+    assert card.index("- teacher:") < card.index("- teacher_continue: 3 steps") < card.index("- distill:")
     pipe = registry.load_pipeline(str(model), unet="teacher", merge_decoder=False)
     image = pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, output_type="pt", height=128, width=128).images
     assert torch.isfinite(image).all()
