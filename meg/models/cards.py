@@ -93,9 +93,14 @@ def _stage_line(training: dict, stage: str) -> str:
 _STAGES = ("data", "vae", "text", "teacher", "distill", "small", "decoder", "judge")
 
 
+def _with_continuation(stage: str, training: dict) -> tuple[str, ...]:
+    """`stage`, then its `meg train STAGE-continue` record if the family has one."""
+    return (stage, f"{stage}_continue") if f"{stage}_continue" in training else (stage,)
+
+
 def _stages(training: dict) -> tuple[str, ...]:
     """The stages of a family's record, each optional continuation right after its stage."""
-    return tuple(x for s in _STAGES for x in (s, f"{s}_continue") if x == s or x in training)
+    return tuple(x for s in _STAGES for x in _with_continuation(s, training))
 
 
 def _tuned_lines(training: dict) -> list[str]:
@@ -183,14 +188,14 @@ def write_cards(model_dir: Path) -> None:
         "tokenizer": ("data", "Word-level tokenizer over the world's vocabulary (canonical words, synonyms, filler words); any other word becomes [UNK] and is reported by `meg.models.captions.unknown_words` and `meg eval prompt`."),
         "text_encoder": ("text", "CLIPTextModel pre-trained to predict the attribute pairs a caption mentions, then fine-tuned with the teacher."),
         "vae": ("vae", f"AutoencoderKL, channels {fam['vae_channels']}; reconstruction MSE {training.get('vae', {}).get('reconstruction_mse', float('nan')):.5f} (images in [0,1])."),
-        "teacher_unet": (("teacher", "teacher_continue"), f"ε-prediction UNet {fam['unet_channels']}, EMA weights; DDIM {fam['teacher_steps']} steps, guidance {fam['teacher_guidance']}. Held-out fidelity {f('teacher/' + str(fam['teacher_steps']) + '/heldout')}."),
+        "teacher_unet": ("teacher", f"ε-prediction UNet {fam['unet_channels']}, EMA weights; DDIM {fam['teacher_steps']} steps, guidance {fam['teacher_guidance']}. Held-out fidelity {f('teacher/' + str(fam['teacher_steps']) + '/heldout')}."),
         "unet": ("distill", f"Few-step student: consistency distillation on teacher PF-ODE trajectories, for guidance {fam['student_guidance']}, LCMScheduler. Held-out fidelity 1/2/4/8 steps: {f('student/1/heldout')} / {f('student/2/heldout')} / {f('student/4/heldout')} / {f('student/8/heldout')}."),
         "small_unet": ("small", f"Device UNet {fam['small_channels']}, distilled like the student from scratch. Held-out fidelity at 4 steps: {f('small/4/heldout')}."),
-        "vae_merge": (("decoder", "decoder_continue"), "VAE with the decoder fine-tuned on merged (ratio U(0, 0.75)) + noisy (σ U(0.05, 0.3)) latents." + (f" MSE reduction at ratio 0.5, σ 0.1: {100 * dec['reduction']:.1f}%." if dec else "")),
+        "vae_merge": ("decoder", "VAE with the decoder fine-tuned on merged (ratio U(0, 0.75)) + noisy (σ U(0.05, 0.3)) latents." + (f" MSE reduction at ratio 0.5, σ 0.1: {100 * dec['reduction']:.1f}%." if dec else "")),
         "judge": ("judge", "Feature network (5 strided convs, 128-d features) of the judge's Fréchet distance, trained to predict scene content from renders."),
     }
     for folder, (stage, text) in per_folder.items():
         if (model_dir / folder).exists():
-            stages = [s for s in ((stage,) if isinstance(stage, str) else stage) if s in _stages(training)]
-            lines = [f"# {fam['name']} / {folder}", "", text, "", f"Data: {data_text}", "", "Training:", *(_stage_line(training, s) for s in stages)]
+            lines = [f"# {fam['name']} / {folder}", "", text, "", f"Data: {data_text}", "", "Training:",
+                     *(_stage_line(training, s) for s in _with_continuation(stage, training))]  # fmt: skip
             (model_dir / folder / "README.md").write_text("\n".join(lines) + "\n")

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from meg.models.registry import MODELS_ROOT
+from meg.models.training import DECODER_LOSSES
 
 __all__ = ["eval_group", "train"]
 
@@ -121,7 +122,7 @@ def _continue_options(fn):
 @train.command(name="decoder-continue")
 @_continue_options
 @click.option("--crop", type=click.IntRange(min=8), default=128, show_default=True, help="Crop side in pixels (multiple of 8).")
-@click.option("--loss", type=click.Choice(["relative", "absolute"]), default="absolute", show_default=True)
+@click.option("--loss", type=click.Choice(DECODER_LOSSES), default="absolute", show_default=True)
 @click.option("--pool", type=int, default=1024, show_default=True, help="Fresh scenes encoded, and as many student samples of their captions.")
 def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, lr: float, crop: int, loss: str, pool: int) -> None:
     """Continue training the family's merge-aware decoder (vae_merge) on a CPU-sized budget.

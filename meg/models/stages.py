@@ -42,7 +42,7 @@ from meg.models.family import (
     build_unet,
     build_vae,
 )
-from meg.models.training import Session, ema_state, run_loop
+from meg.models.training import Session, check_decoder_loss, ema_state, run_loop
 from meg.models.world import (
     BACKGROUND_COLOURS,
     OBJECT_COLOURS,
@@ -674,8 +674,7 @@ def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr:
     """
     from meg.models.evaluate import student_latents
 
-    if loss not in ("relative", "absolute"):
-        raise ValueError(f"loss must be 'relative' or 'absolute', got {loss!r}")
+    check_decoder_loss(loss)
     t0 = time.perf_counter()
     cfg = session.train
     torch.manual_seed(cfg.seed)
@@ -694,14 +693,14 @@ def continue_teacher(session: Session, *, steps: int, batch: int, lr: float, min
     """Continue training the family's teacher (model_dir/teacher_unet, text encoder frozen) on
     `scenes` fresh training-distribution scenes with `captions_per_scene` paraphrases each,
     recorded under "teacher_continue"; returns the wall time. The recipe is left as it was."""
+    from transformers import PreTrainedTokenizerFast
+
     t0 = time.perf_counter()
     cfg = session.train
     torch.manual_seed(cfg.seed)
     fresh, latents = _fresh_latents(session, scenes, cfg.seed + 505)
     rng = np.random.default_rng(cfg.seed + 505)
     texts = [caption_scene(fresh, i, rng)[0] for i in range(scenes) for _ in range(cfg.captions_per_scene)]
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast.from_pretrained(session.model_dir / "tokenizer")  # the family's own vocabulary
     ids = tok(texts, padding="max_length", max_length=session.family.max_tokens, truncation=True, return_tensors="pt").input_ids
     data = {"tokens": ids.view(scenes, cfg.captions_per_scene, -1)}

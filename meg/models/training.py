@@ -23,7 +23,17 @@ from tqdm.auto import tqdm
 
 from meg.models.family import FamilyConfig
 
-__all__ = ["Session", "TrainConfig", "run_loop", "seeded"]
+__all__ = ["DECODER_LOSSES", "Session", "TrainConfig", "check_decoder_loss", "run_loop", "seeded"]
+
+
+DECODER_LOSSES = ("relative", "absolute")
+"""Objectives of the merge-aware decoder (see `TrainConfig.decoder_loss`)."""
+
+
+def check_decoder_loss(value: str, name: str = "loss") -> None:
+    """ValueError naming `value` unless it is one of DECODER_LOSSES."""
+    if value not in DECODER_LOSSES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, DECODER_LOSSES))}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -88,8 +98,7 @@ class TrainConfig:
     warmup_steps: int = 200
 
     def __post_init__(self) -> None:
-        if self.decoder_loss not in ("relative", "absolute"):
-            raise ValueError(f"decoder_loss must be 'relative' or 'absolute', got {self.decoder_loss!r}")
+        check_decoder_loss(self.decoder_loss, "decoder_loss")
 
     @classmethod
     def gpu(cls) -> TrainConfig:
