@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +33,7 @@ from meg.codecs.cast import CAST_DTYPES, cast_down
 from meg.codecs.entropy import zstd_compress, zstd_decompress, zstd_params_bytes
 from meg.codecs.merge import (
     MAX_MERGE_RATIO,
+    TOKEN_GROUPING,
     MergedLatent,
     TokenGrid,
     gather_index_from_plan,
@@ -75,7 +77,7 @@ class MergeStage:
     """MEG token merging at ``ratio`` with ``grouping`` row elements per token."""
 
     ratio: float
-    grouping: int = 4
+    grouping: int = TOKEN_GROUPING
 
     def __str__(self) -> str:
         suffix = "" if self.grouping == MergeStage.grouping else f":g{self.grouping}"
@@ -361,6 +363,7 @@ def encode(
     *,
     generator: torch.Generator | None = None,
     nan_policy: NanPolicy = "reject",
+    on_values: Callable[[Tensor], Tensor] | None = None,
 ) -> EncodedTensor:
     """Encode ``tensor`` with ``chain``.
 
@@ -372,6 +375,11 @@ def encode(
         nan_policy: "reject" raises NonFiniteError on NaN/Inf in a float tensor; "zero"
             replaces them with 0 first; "keep" carries them bit-exactly through chains
             without merge or quantisation (which need finite values: NonFiniteError).
+        on_values: applied to the values after the merge stage (the kept tokens as a
+            channel-first ``[B, C, M, G]`` tensor, or the tensor itself without merging)
+            and before the value stage; must keep shape and dtype. The analog feature
+            path (`meg.split.features`) puts the channel here, so noise falls on what is
+            actually transmitted: the merged tokens.
     Returns:
         :class:`EncodedTensor`; ``bits_on_wire`` counts payload and side information.
     Raises:
@@ -387,6 +395,14 @@ def encode(
         merged, plan = merge_latent_with_plan(x, parsed.merge.ratio, generator=generator, grouping=parsed.merge.grouping)
         params.append(pack_plan(plan, shape, parsed.merge.grouping))
         x = _tokens_channel_first(merged.tokens, shape[1], parsed.merge.grouping)
+    if on_values is not None:
+        transformed = on_values(x)
+        if transformed.shape != x.shape or transformed.dtype != x.dtype:
+            raise InvalidInputError(
+                f"on_values changed {tuple(x.shape)} {x.dtype} into {tuple(transformed.shape)} {transformed.dtype}",
+                field="on_values",
+            )
+        x = transformed.detach().cpu().contiguous()
 
     value = parsed.value
     if isinstance(value, CastStage):

@@ -32,6 +32,7 @@ from meg.errors import CodecError, CorruptPayloadError
 
 __all__ = [
     "MAX_MERGE_RATIO",
+    "TOKEN_GROUPING",
     "MergePlan",
     "MergedLatent",
     "TokenGrid",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 MAX_MERGE_RATIO = 0.75
+TOKEN_GROUPING = 4
+"""Latent row elements per token (MEG: 4 consecutive row elements × C channels)."""
 """With one destination per 2×2 cell, at most 3/4 of the tokens are sources."""
 
 _STRIDE = 2  # cell side on the token grid (sy = sx = 2 in the reference)
@@ -160,7 +163,7 @@ def _check_ratio(ratio: float) -> float:
     return ratio
 
 
-def merge_count(latent_shape: tuple[int, ...], ratio: float, grouping: int = 4) -> int:
+def merge_count(latent_shape: tuple[int, ...], ratio: float, grouping: int = TOKEN_GROUPING) -> int:
     """r = int(ratio·N), the number of source tokens merged away for this shape.
 
     Raises:
@@ -179,7 +182,7 @@ def merge_count(latent_shape: tuple[int, ...], ratio: float, grouping: int = 4) 
     return min(r, n_src)
 
 
-def latent_to_tokens(latent: Tensor, grouping: int = 4) -> Tensor:
+def latent_to_tokens(latent: Tensor, grouping: int = TOKEN_GROUPING) -> Tensor:
     """``[B, C, H, W]`` → ``[B, N, grouping·C]``: each token holds ``grouping`` consecutive
     row elements, channel-minor (element e, channel c at ``e·C + c``), as the MEG reference."""
     _check_latent_shape(tuple(latent.shape), grouping)
@@ -187,14 +190,14 @@ def latent_to_tokens(latent: Tensor, grouping: int = 4) -> Tensor:
     return latent.permute(0, 2, 3, 1).reshape(b, h * w // grouping, grouping * c)
 
 
-def tokens_to_latent(tokens: Tensor, latent_shape: tuple[int, int, int, int], grouping: int = 4) -> Tensor:
+def tokens_to_latent(tokens: Tensor, latent_shape: tuple[int, int, int, int], grouping: int = TOKEN_GROUPING) -> Tensor:
     """Inverse of :func:`latent_to_tokens`: ``[B, N, grouping·C]`` → ``[B, C, H, W]``."""
     b, c, h, w = latent_shape
     return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def unmerge_latent(
-    tokens: Tensor, gather_index: Tensor, latent_shape: tuple[int, int, int, int], grouping: int = 4
+    tokens: Tensor, gather_index: Tensor, latent_shape: tuple[int, int, int, int], grouping: int = TOKEN_GROUPING
 ) -> Tensor:
     """Restore the full latent by copying kept tokens: one gather, then reshape/permute.
 
@@ -210,7 +213,7 @@ def unmerge_latent(
 
 
 def merge_latent(
-    latent: Tensor, ratio: float, *, generator: torch.Generator | None = None, grouping: int = 4
+    latent: Tensor, ratio: float, *, generator: torch.Generator | None = None, grouping: int = TOKEN_GROUPING
 ) -> MergedLatent:
     """Merge the r = int(ratio·N) most similar source tokens into their destinations.
 
@@ -227,7 +230,7 @@ def merge_latent(
 
 
 def merge_latent_with_plan(
-    latent: Tensor, ratio: float, *, generator: torch.Generator | None = None, grouping: int = 4
+    latent: Tensor, ratio: float, *, generator: torch.Generator | None = None, grouping: int = TOKEN_GROUPING
 ) -> tuple[MergedLatent, MergePlan]:
     """:func:`merge_latent`, also returning the :class:`MergePlan` that travels as side info.
 

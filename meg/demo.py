@@ -13,9 +13,12 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from meg.recipes.report import GenerationReport
 
 __all__ = ["DemoConfig", "demo", "run_demo"]
 
@@ -36,6 +39,8 @@ class DemoConfig:
     mode: str = "digital"
     """Emulated link: ideal, digital (packets, ARQ) or analog (noisy feature values)."""
     device_profile: str = "jetson-agx-orin"
+    policy: str = "rule"
+    """Policy the policy service runs: "rule", "cvpo" (the shipped checkpoint) or a checkpoint folder."""
     latency_limit_s: float = 3.0
     energy_limit_j: float = 0.0
     runtime: str = "onnxruntime"
@@ -56,7 +61,7 @@ def resolve_model(name: str) -> str:
     return "meg-tiny" if "meg-tiny" in available() else "tiny-random"
 
 
-def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
+def run_demo(config: DemoConfig = DemoConfig()) -> GenerationReport:
     """Run the demo; returns the report (also written to `config.out_dir`)."""
     import torch
 
@@ -66,7 +71,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
     from meg.services.edge_config import EdgeConfig
     from meg.services.policy_server import PolicyServerConfig
-    from meg.split.loading import load_pipeline, native_size_px
+    from meg.split.loading import load_pipeline
 
     model = resolve_model(config.model)
     started = time.perf_counter()
@@ -81,12 +86,12 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
                       tx_power_dbm=MEG_LINK_BUDGET.tx_power_dbm)
     loop = ServiceLoop()
     try:
-        policy = start_policy(PolicyServerConfig(port=0), loop=loop)
+        from meg.policy import load_policy
+
+        policy = start_policy(PolicyServerConfig(port=0), policy=load_policy(config.policy), loop=loop)
         edge = start_edge(EdgeConfig(port=0, model=model, policy_address=policy.address), pipeline=pipeline, loop=loop)
         try:
-            size_px = native_size_px(pipeline)
             request = DeviceRequest(prompt=config.prompt, seed=config.seed, device_profile=config.device_profile,
-                                    width=size_px, height=size_px,
                                     link=link, distance_m=config.distance_m,
                                     latency_limit_s=config.latency_limit_s, energy_limit_j=config.energy_limit_j,
                                     model=model)
@@ -98,7 +103,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
             policy.stop(0.5)
     finally:
         loop.close()
-    result.report["demo"] = {
+    result.report.extra["demo"] = {
         "model": model,
         "edge_address": edge.address,
         "policy_address": policy.address,
@@ -119,11 +124,13 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
               help="Edge–device distance in metres (MEG: 200–300 m).")
 @click.option("--mode", type=click.Choice(["ideal", "digital", "analog"]), default=DemoConfig.mode, show_default=True,
               help="Emulated link mode.")
+@click.option("--policy", default=DemoConfig.policy, show_default=True,
+              help='Policy that plans the request: "rule", "cvpo" (the shipped CVPO checkpoint) or a checkpoint folder.')
 @click.option("--runtime", type=click.Choice(["onnxruntime", "torch", "eager"]), default=DemoConfig.runtime,
               show_default=True, help="Where the device partition runs.")
 @click.option("--threads", "torch_threads", type=int, default=DemoConfig.torch_threads, show_default=True,
               help="torch intra-op threads (0: torch's default).")
-def demo(prompt: str, out_dir: Path, model: str, seed: int, distance_m: float, mode: str, runtime: str,
+def demo(prompt: str, out_dir: Path, model: str, seed: int, distance_m: float, mode: str, policy: str, runtime: str,
          torch_threads: int) -> None:
     """Run edge server, policy service and device client on loopback; write one image.
 
@@ -133,9 +140,14 @@ def demo(prompt: str, out_dir: Path, model: str, seed: int, distance_m: float, m
     from meg.services.cli import print_summary
 
     config = dataclasses.replace(DemoConfig(), prompt=prompt, out_dir=out_dir, model=model, seed=seed,
-                                 distance_m=distance_m, mode=mode, runtime=runtime, torch_threads=torch_threads)
+                                 distance_m=distance_m, mode=mode, policy=policy, runtime=runtime,
+                                 torch_threads=torch_threads)
+    from meg.services.wire import tune_malloc
+
+    tune_malloc()  # this process streams 1 MiB messages: reuse their freed buffers
     report = run_demo(config)
     print_summary(report)
-    click.echo(f"model {report['demo']['model']}; edge {report['demo']['edge_address']}, "
-               f"policy {report['demo']['policy_address']}; {report['demo']['total_wall_s']:.1f} s in all")
+    info = report.extra["demo"]
+    click.echo(f"model {info['model']}; edge {info['edge_address']}, policy {info['policy_address']}; "
+               f"{info['total_wall_s']:.1f} s in all")
     click.echo(f"wrote {out_dir / 'image.png'} and {out_dir / 'report.json'}")

@@ -16,13 +16,19 @@ comes from one request field or header field, in ``field``.
     ├── UnavailableError                    → UNAVAILABLE: peer gone, no provider
     ├── AuthenticationError                 → UNAUTHENTICATED
     ├── ModelNotFoundError (FileNotFoundError) → NOT_FOUND
-    └── ChannelError                        → UNAVAILABLE: packet lost after all retries
+    ├── ChannelError                        → UNAVAILABLE: packet lost after all retries
+    └── CancelledByClient                   → CANCELLED: the client sent `Cancel`
+
+Only `meg.services.status` translates between these and gRPC status codes, both ways
+(server: exception → status; client: failed RPC → exception). The command line maps them
+to exit codes in one handler (`meg.cli`).
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CancelledByClient",
     "ChannelError",
     "CodecError",
     "CorruptPayloadError",
@@ -98,3 +104,7 @@ class ModelNotFoundError(MegError, FileNotFoundError):
 
 class ChannelError(MegError):
     """The emulated link failed to deliver data (e.g. a packet lost after all retries)."""
+
+
+class CancelledByClient(MegError):
+    """The client cancelled the request (the `Cancel` message on the request stream)."""

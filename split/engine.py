@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -57,6 +58,7 @@ __all__ = ["GenerationInputs", "PartitionFlops", "Partitions", "SplitEngine", "T
 
 ProgressFn = Callable[[str, int, int], None]
 StopFn = Callable[[], bool]
+_CHECKED_MEMORY = 256
 
 
 @dataclass(frozen=True)
@@ -195,10 +197,14 @@ class SplitEngine:
         self.device_unet = device_unet if device_unet is not None else pipeline.unet
         self.device_vae = device_vae if device_vae is not None else pipeline.vae
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.native_size_px = int(self.unet.config.sample_size) * self.vae_scale_factor
+        """Image side the UNet was built for; requests that give no size get it."""
         self.tome = ToMeAdapter(self.unet)
         # Fast (Rust) tokenizers refuse concurrent use from several threads.
         self._tokenizer_lock = threading.Lock()
         self._multistep = hasattr(self.scheduler, "model_outputs") or getattr(self.scheduler, "order", 1) != 1
+        self._checked: OrderedDict[tuple[GenerationInputs, SplitPoint], None] = OrderedDict()
+        self._checked_lock = threading.Lock()
 
     # ------------------------------------------------------------------ description
     @property
@@ -236,7 +242,24 @@ class SplitEngine:
         )
 
     def check(self, inputs: GenerationInputs, split: SplitPoint) -> None:
-        """Raise `InvalidInputError`/`SplitError` naming the bad value."""
+        """Raise `InvalidInputError`/`SplitError` naming the bad value.
+
+        Every public entry point calls this; a pair that passed is remembered (the last
+        `_CHECKED_MEMORY` pairs), so one request is validated once per side however many
+        of the engine's methods it goes through.
+        """
+        key = (inputs, split)
+        with self._checked_lock:
+            if key in self._checked:
+                self._checked.move_to_end(key)
+                return
+        self._validate(inputs, split)
+        with self._checked_lock:
+            self._checked[key] = None
+            while len(self._checked) > _CHECKED_MEMORY:
+                self._checked.popitem(last=False)
+
+    def _validate(self, inputs: GenerationInputs, split: SplitPoint) -> None:
         if not isinstance(inputs.prompt, str):
             raise InvalidInputError(f"prompt must be a string, got {type(inputs.prompt).__name__}", field="prompt")
         if inputs.steps < 1:
@@ -559,10 +582,14 @@ class SplitEngine:
 
     def _device_decode(self, latents: torch.Tensor | MergedLatent, runtime: DeviceRuntime | None) -> torch.Tensor:
         if runtime is not None:
-            if isinstance(latents, torch.Tensor):
-                from meg.codecs.merge import latent_to_tokens
+            from meg.codecs.merge import latent_to_tokens, unmerge_latent
 
-                tokens = latent_to_tokens(latents)
+            grouping = runtime.grouping
+            if not isinstance(latents, torch.Tensor) and latents.grouping != grouping:
+                # the runtime's graph unmerges tokens of its own grouping: regroup in torch
+                latents = unmerge_latent(latents.tokens, latents.gather_index, latents.latent_shape, latents.grouping)
+            if isinstance(latents, torch.Tensor):
+                tokens = latent_to_tokens(latents, grouping)
                 gather_index = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
                 return runtime.decode_latent(tokens, gather_index, tuple(latents.shape)).float()
             return runtime.decode_latent(latents.tokens, latents.gather_index, latents.latent_shape).float()

@@ -38,6 +38,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from meg.codecs.merge import TOKEN_GROUPING
 from meg.errors import InvalidInputError, SplitError
 
 __all__ = [
@@ -79,7 +80,7 @@ class ExportOptions:
     """``auto``: dynamo, falling back to TorchScript if dynamo fails on the model."""
     opset: int = 18
     """ONNX opset of the exported graphs."""
-    grouping: int = 4
+    grouping: int = TOKEN_GROUPING
     """Latent row elements per token (MEG: 4 → D = 4·C = 16)."""
     text_tokens: int = 77
     """Length of the example text embeddings used to trace the UNet (the axis is dynamic)."""
@@ -127,7 +128,7 @@ class DecoderGraph(nn.Module):
         grouping: latent row elements per token.
     """
 
-    def __init__(self, vae: Any, latent_hw: tuple[int, int], grouping: int = 4) -> None:
+    def __init__(self, vae: Any, latent_hw: tuple[int, int], grouping: int = TOKEN_GROUPING) -> None:
         super().__init__()
         height, width = latent_hw
         if height <= 0 or width <= 0 or width % grouping:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from meg.codecs.merge import TOKEN_GROUPING
 from meg.errors import InvalidInputError, ModelNotFoundError, UnavailableError
 from meg.split.onnx_export import MANIFEST_NAME, DecoderGraph, UNetGraph
 
@@ -41,6 +42,8 @@ class DeviceRuntime(Protocol):
     """``"torch"`` or ``"onnxruntime"``."""
     providers: tuple[str, ...]
     """Providers actually in use (``("torch-cpu",)`` for torch on CPU)."""
+    grouping: int
+    """Latent row elements per token that `decode_latent`'s unmerge expects."""
 
     def decode_latent(
         self, tokens: torch.Tensor, gather_index: torch.Tensor, latent_shape: tuple[int, int, int, int]
@@ -114,7 +117,7 @@ class TorchRuntime:
 
     name = "torch"
 
-    def __init__(self, unet: nn.Module | None, vae: nn.Module, *, grouping: int = 4) -> None:
+    def __init__(self, unet: nn.Module | None, vae: nn.Module, *, grouping: int = TOKEN_GROUPING) -> None:
         # Built on first use: a decode-only device may hold a UNet (e.g. SDXL's) that the
         # three-tensor `unet` call cannot drive.
         self._unet_module = unet
@@ -247,6 +250,11 @@ class OnnxRuntime:
     def parts(self) -> tuple[str, ...]:
         """The partitions this runtime can run."""
         return tuple(self._sessions)
+
+    @property
+    def grouping(self) -> int:
+        """Token grouping of the exported decoder graph."""
+        return int(self.manifest["parts"]["decoder"]["grouping"]) if "decoder" in self.manifest.get("parts", {}) else 4
 
     def _session(self, part: str) -> Any:
         if part not in self._sessions:

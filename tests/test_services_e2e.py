@@ -24,12 +24,12 @@ from meg.channel.link import LinkConfig
 from meg.codecs.chain import encode
 from meg.codecs.framing import frame_tensor
 from meg.errors import DeadlineExceededError, UnavailableError
+from meg.policy.rule import RuleConfig
+from meg.recipes.plan import MEG_TOME_RATIO, make_plan, plan_to_proto
 from meg.services.background import RunningServer, ServiceLoop, start_edge, start_policy
 from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
-from meg.services.convert import make_plan
 from meg.services.edge import EdgeConfig
 from meg.services.policy_server import PolicyServerConfig
-from meg.services.rule_policy import RulePolicyConfig
 from meg.services.security import TlsConfig, token_metadata
 from meg.services.transport import channel_options
 from meg.split.engine import GenerationInputs, SplitEngine
@@ -85,7 +85,7 @@ def _start(**fields: Any) -> gen_pb.GenerationRequest:
     plan = fields.pop("plan", make_plan("decoder", steps=STEPS, codec_chain="none"))
     fields = {"prompt": PROMPT, "width": 64, "height": 64, "device_profile": "jetson-agx-orin", **fields}
     request = gen_pb.GenerationRequest(**fields)
-    request.plan_override.CopyFrom(plan)
+    request.plan_override.CopyFrom(plan if isinstance(plan, gen_pb.Plan) else plan_to_proto(plan))
     return request
 
 
@@ -119,7 +119,7 @@ def _uplink(chain: str = "none") -> tuple[Any, list[Any]]:
 def test_lossless_ideal_link_equals_unsplit_reference(client: DeviceClient, engine: SplitEngine, split: str) -> None:
     result = client.generate(DeviceRequest(prompt=PROMPT, seed=3, plan=make_plan(split, steps=STEPS, codec_chain="none")))
     assert torch.equal(result.image, _reference(engine, seed=3))
-    report = json.loads(json.dumps(result.report))  # the report is plain JSON
+    report = json.loads(result.report.to_json())  # the report is plain JSON
     assert report["fallback"] == {"used": False, "reason": None}
     assert report["plan"]["split"] == split and report["plan"]["steps"] == STEPS
     tensors = report["bytes"]["tensors"]
@@ -152,24 +152,27 @@ def test_remote_policy_over_tls_digital_link_and_onnxruntime(pipeline: Any, loop
     finally:
         edge.stop(0)
         policy.stop(0)
-    report = result.report
-    rules = RulePolicyConfig()
-    assert report["plan"]["policy"] == "rule-based" and report["plan"]["merge_ratio"] == rules.fair_merge_ratio
+    report = result.report.to_dict()
+    rules = RuleConfig()
+    band = sum(edge_db > 2.2 for edge_db in rules.snr_thresholds_db)  # the SNR band of 2.2 dB
+    merge = rules.merge_levels[band]
+    assert report["plan"]["policy"] == "rule" and report["plan"]["merge_ratio"] == merge > 0
+    assert report["plan"]["tome_ratio"] == MEG_TOME_RATIO  # ToMe runs inside the edge UNet
     (latent,) = report["bytes"]["tensors"]
-    assert latent["codec_chain"].startswith(f"merge:{rules.fair_merge_ratio:g}")
-    assert latent["encoded_bytes"] < latent["raw_bytes"] / 4  # merged and quantised to 8 bits
+    assert latent["codec_chain"].startswith(f"merge:{merge:g}")
+    assert latent["encoded_bytes"] < latent["raw_bytes"] * (1 - merge) / 2 * 1.1  # merged, fp16, side info
     assert report["channel"]["mode"] == "digital" and report["channel"]["downlink_airtime_s"] > 0
     assert report["device"]["runtime"] == "onnxruntime"
     assert 0 < report["quality"]["mse_vs_reference"] < 0.05
     assert result.image.shape == (1, 3, 64, 64)
-    assert lossless.report["quality"]["max_abs_diff"] < 1e-4  # ONNX Runtime decodes like torch
+    assert lossless.report.to_dict()["quality"]["max_abs_diff"] < 1e-4  # ONNX Runtime decodes like torch
 
 
 def test_analog_link_adds_feature_noise(client: DeviceClient, engine: SplitEngine) -> None:
     link = LinkConfig(mode="analog", snr_db=10.0)
     result = client.generate(DeviceRequest(prompt=PROMPT, seed=3, link=link,
                                            plan=make_plan("decoder", steps=STEPS, codec_chain="none")), reference=True)
-    report = result.report
+    report = result.report.to_dict()
     assert report["channel"]["mode"] == "analog"
     assert 5.0 < report["channel"]["feature_snr_db"] < 15.0
     assert report["channel"]["downlink_airtime_s"] > 0
@@ -199,8 +202,14 @@ def _bad_cases() -> list[tuple[str, list[edge_pb.GenerateRequest], Any, grpc.Sta
         ("steps 0", [edge_pb.GenerateRequest(start=_start(plan=make_plan("decoder", steps=0)))], None, invalid,
          r"plan_override.steps = 0"),
         ("width 60", [edge_pb.GenerateRequest(start=_start(width=60))], None, invalid, r"width = 60"),
-        ("unknown codec", [edge_pb.GenerateRequest(start=_start(plan=make_plan("decoder", steps=2, codec_chain="gzip:9")))],
+        ("unknown codec", [edge_pb.GenerateRequest(start=_start(plan=gen_pb.Plan(split=gen_pb.SplitPoint(kind=gen_pb.SPLIT_KIND_DECODER), steps=2, codec_chain="gzip:9")))],
          None, invalid, r"gzip"),
+        ("merge ratio disagrees with the chain", [edge_pb.GenerateRequest(start=_start(plan=gen_pb.Plan(
+            split=gen_pb.SplitPoint(kind=gen_pb.SPLIT_KIND_DECODER), steps=2, merge_ratio=0.25, codec_chain="merge:0.5")))],
+         None, invalid, r"merge_ratio = 0.25 disagrees"),
+        ("unknown plan parameter", [edge_pb.GenerateRequest(start=_start(plan=gen_pb.Plan(
+            split=gen_pb.SplitPoint(kind=gen_pb.SPLIT_KIND_DECODER), steps=2, params={"strength": 0.5})))],
+         None, invalid, r"'strength'.*not settings of recipe 'meg'"),
         ("impossible split", [edge_pb.GenerateRequest(start=_start(plan=make_plan("unet:999", steps=2)))], None, invalid, r"unet:999"),
         ("other model", [edge_pb.GenerateRequest(start=_start(model="sd-turbo"))], None, grpc.StatusCode.NOT_FOUND,
          r"'sd-turbo' is not served here"),
@@ -232,7 +241,7 @@ def test_bad_inputs_are_refused_while_a_good_request_succeeds(edge: RunningServe
             if errors and code != grpc.StatusCode.UNAUTHENTICATED:
                 assert errors[-1].message == details
         result = good.result(timeout=60)
-    assert result.report["fallback"]["used"] is False
+    assert result.report.to_dict()["fallback"]["used"] is False
     assert torch.equal(result.image, _reference(engine, seed=11, steps=6))
 
 
@@ -253,7 +262,7 @@ def test_mutual_tls_edge_refuses_a_client_without_certificate(pipeline: Any, loo
             device.generate(request)
     finally:
         edge.stop(0)
-    assert good.report["fallback"]["used"] is False
+    assert good.report.to_dict()["fallback"]["used"] is False
     assert torch.equal(good.image, _reference(engine, seed=3))
 
 
@@ -264,8 +273,8 @@ def test_sixteen_concurrent_clients_complete(client: DeviceClient, engine: Split
     plan = make_plan("decoder", steps=STEPS, codec_chain="fp16,zstd:3")
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda seed: client.generate(DeviceRequest(prompt=PROMPT, seed=seed, plan=plan)), range(16)))
-    assert all(not r.report["fallback"]["used"] for r in results)
-    assert len({r.report["request_id"] for r in results}) == 16
+    assert all(not r.report.to_dict()["fallback"]["used"] for r in results)
+    assert len({r.report.to_dict()["request_id"] for r in results}) == 16
     assert not torch.equal(results[0].image, results[1].image)  # different seeds, different images
     assert torch.allclose(results[4].image, _reference(engine, seed=4), atol=2e-2)  # fp16 on the wire
 
@@ -304,9 +313,9 @@ def test_edge_killed_mid_stream_falls_back_then_restarted_edge_serves(pipeline: 
         request = DeviceRequest(prompt=PROMPT, seed=9, plan=make_plan("decoder", steps=STEPS, codec_chain="none"))
         result = device.generate(request, on_event=kill_on_plan)
         assert killed.is_set()
-        assert result.report["fallback"]["used"] is True
-        assert result.report["fallback"]["reason"]
-        assert result.report["plan"]["split"] == "device" and result.report["bytes"]["downlink"] == 0
+        assert result.report.to_dict()["fallback"]["used"] is True
+        assert result.report.to_dict()["fallback"]["reason"]
+        assert result.report.to_dict()["plan"]["split"] == "device" and result.report.to_dict()["bytes"]["downlink"] == 0
         assert torch.equal(result.image, _reference(engine, seed=9))  # same maths, all on the device
 
         restarted = start_edge(EdgeConfig(port=port), pipeline=pipeline, loop=loop)
@@ -314,7 +323,7 @@ def test_edge_killed_mid_stream_falls_back_then_restarted_edge_serves(pipeline: 
             again = device.generate(request)
         finally:
             restarted.stop(0)
-    assert again.report["fallback"]["used"] is False
+    assert again.report.to_dict()["fallback"]["used"] is False
     assert torch.equal(again.image, result.image)
 
 
@@ -334,7 +343,7 @@ def test_round_robin_spreads_requests_and_skips_a_stopped_edge(pipeline: Any, lo
             after = [device.generate(DeviceRequest(prompt=PROMPT, seed=s, plan=plan)) for s in range(3)]
     finally:
         edges[1].stop(0)
-    assert not any(r.report["fallback"]["used"] for r in first + after)
+    assert not any(r.report.to_dict()["fallback"]["used"] for r in first + after)
 
 
 def test_packet_lost_on_the_link_falls_back_and_says_why(pipeline: Any, loop: ServiceLoop) -> None:
@@ -348,8 +357,8 @@ def test_packet_lost_on_the_link_falls_back_and_says_why(pipeline: Any, loop: Se
             result = device.generate(request)
     finally:
         edge.stop(0)
-    assert result.report["fallback"]["used"] is True
-    assert "lost after 1 attempts" in result.report["fallback"]["reason"]
+    assert result.report.to_dict()["fallback"]["used"] is True
+    assert "lost after 1 attempts" in result.report.to_dict()["fallback"]["reason"]
 
 
 def test_deadline_falls_back_to_the_device(pipeline: Any, loop: ServiceLoop) -> None:
@@ -360,8 +369,8 @@ def test_deadline_falls_back_to_the_device(pipeline: Any, loop: ServiceLoop) -> 
         request = DeviceRequest(prompt=PROMPT, link=slow_link, plan=make_plan("decoder", steps=STEPS, codec_chain="none"))
         with DeviceClient(edge.address, ClientConfig(runtime="eager", deadline_s=1.0), pipeline=pipeline) as device:
             result = device.generate(request)
-        assert result.report["fallback"]["used"] is True
-        assert "DeadlineExceeded" in result.report["fallback"]["reason"]
+        assert result.report.to_dict()["fallback"]["used"] is True
+        assert "DeadlineExceeded" in result.report.to_dict()["fallback"]["reason"]
         with DeviceClient(edge.address, ClientConfig(runtime="eager", deadline_s=1.0, fallback=False),
                           pipeline=pipeline) as device, pytest.raises(DeadlineExceededError):
             device.generate(request)
@@ -371,7 +380,7 @@ def test_deadline_falls_back_to_the_device(pipeline: Any, loop: ServiceLoop) -> 
 
 def test_client_cancellation_stops_the_edge_work(edge: RunningServer) -> None:
     servicer = edge.server.servicer
-    real_run_edge = servicer.engine.run_edge
+    real_run_edge = servicer.context.engine.run_edge
     outcome: list[BaseException | None] = []
 
     def spy(*args: Any, **kwargs: Any) -> Any:
@@ -387,7 +396,7 @@ def test_client_cancellation_stops_the_edge_work(edge: RunningServer) -> None:
         if message.HasField("progress") and message.progress.stage == "denoise":
             call.cancel()
 
-    servicer.engine.run_edge = spy
+    servicer.context.engine.run_edge = spy
     try:
         start = [edge_pb.GenerateRequest(start=_start(plan=make_plan("decoder", steps=60, codec_chain="none")))]
         code, _, _ = _raw_call(edge.address, start, on_message=cancel_on_first_progress)
@@ -395,7 +404,7 @@ def test_client_cancellation_stops_the_edge_work(edge: RunningServer) -> None:
         while not outcome and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
-        servicer.engine.run_edge = real_run_edge
+        servicer.context.engine.run_edge = real_run_edge
     assert code == grpc.StatusCode.CANCELLED
     assert isinstance(outcome[0], DeadlineExceededError)
     assert re.search(r"stopped before step (\d+) of 60", str(outcome[0]))
@@ -416,8 +425,8 @@ def test_graceful_stop_drains_the_request_in_flight(pipeline: Any, loop: Service
         drained = device.generate(request, on_event=stop_on_plan)
         stopper[0].join(timeout=30)
         after = device.generate(request)
-    assert drained.report["fallback"]["used"] is False
-    assert after.report["fallback"]["used"] is True  # the stopped edge takes no new request
+    assert drained.report.to_dict()["fallback"]["used"] is False
+    assert after.report.to_dict()["fallback"]["used"] is True  # the stopped edge takes no new request
 
 
 # -- health, reflection, metrics -------------------------------------------------------------
@@ -468,12 +477,12 @@ def test_metrics_count_requests_errors_and_bytes(edge: RunningServer, client: De
 def test_meg_generate_writes_image_and_report(edge: RunningServer, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from meg.services.cli import generate
+    from meg.cli import cli
 
     args = ["--edge", edge.address, "--prompt", PROMPT, "--token", TOKEN, "--runtime", "eager", "--split", "step:1",
             "--steps", str(STEPS), "--codec", "fp16,zstd:3", "--distance-m", "300", "--mode", "digital",
             "--reference", "--out", str(tmp_path)]
-    result = CliRunner().invoke(generate, args, catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["generate", *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["plan"]["split"] == "step:1" and report["fallback"]["used"] is False
@@ -482,7 +491,7 @@ def test_meg_generate_writes_image_and_report(edge: RunningServer, tmp_path: Pat
     assert (tmp_path / "image.png").stat().st_size > 0
     assert "MSE vs reference" in result.output
 
-    refused = CliRunner().invoke(generate, [*args[:6], "--width", "60", "--out", str(tmp_path)])
+    refused = CliRunner().invoke(cli, ["generate", *args[:6], "--width", "60", "--out", str(tmp_path)])
     assert refused.exit_code == 2 and "width" in refused.output
 
 
@@ -521,8 +530,8 @@ def test_device_refuses_corrupted_tensors_and_falls_back(pipeline: Any, loop: Se
             result = device.generate(request)
     finally:
         loop.run(server.stop(0))
-    assert result.report["fallback"]["used"] is True
-    assert "CRC32C" in result.report["fallback"]["reason"]
+    assert result.report.to_dict()["fallback"]["used"] is True
+    assert "CRC32C" in result.report.to_dict()["fallback"]["reason"]
     assert torch.equal(result.image, _reference(engine, seed=2))
 
 
@@ -535,7 +544,7 @@ def test_edge_uses_the_shipped_cvpo_policy_by_address(pipeline: Any, loop: Servi
         with DeviceClient(edge.address, ClientConfig(runtime="eager"), pipeline=pipeline) as device:
             link = LinkConfig(mode="digital", snr_db=2.2, bandwidth_hz=1e6)
             report = device.generate(DeviceRequest(prompt=PROMPT, seed=1, link=link, distance_m=200.0,
-                                                   latency_limit_s=5.0, energy_limit_j=1000.0)).report
+                                                   latency_limit_s=5.0, energy_limit_j=1000.0)).report.to_dict()
     finally:
         edge.stop(0)
         policy.stop(0)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services_certs import write_test_certs
 
 from meg.channel.link import LinkConfig
+from meg.convert import channel_from_link_config, link_config_from_channel
 from meg.errors import (
     AuthenticationError,
     ChannelError,
@@ -27,18 +29,12 @@ from meg.errors import (
     SplitError,
     UnavailableError,
 )
+from meg.policy.rule import RuleConfig
+from meg.recipes.plan import make_plan, split_from_proto, split_to_proto
 from meg.services.admission import WorkerPool
 from meg.services.background import start_policy
-from meg.services.convert import (
-    channel_from_link_config,
-    link_config_from_channel,
-    make_plan,
-    split_from_proto,
-    split_to_proto,
-)
 from meg.services.limits import ServiceLimits, validate_plan, validate_request
 from meg.services.policy_server import PolicyServerConfig
-from meg.services.rule_policy import RuleBasedPolicy, RulePolicyConfig
 from meg.services.security import TlsConfig, channel_credentials, resolve_token, token_metadata
 from meg.services.status import error_from_rpc, error_message, error_proto, grpc_code_for
 from meg.split.points import SplitPoint
@@ -140,17 +136,20 @@ def test_channel_and_plan_limits_name_the_field() -> None:
     with pytest.raises(InvalidInputError, match="channel.snr_db") as info:
         validate_request(request, ServiceLimits())
     assert info.value.field == "channel.snr_db"
+    def wire_plan(split: str, steps: int, **fields: Any) -> gen_pb.Plan:
+        return gen_pb.Plan(split=split_to_proto(SplitPoint.parse(split)), steps=steps, **fields)
+
     for plan, field in [
-        (make_plan("decoder", steps=0), "plan.steps"),
-        (make_plan("decoder", steps=101), "plan.steps"),
-        (make_plan("decoder", steps=2, merge_ratio=0.9), "plan.merge_ratio"),
-        (make_plan("decoder", steps=2, tome_ratio=-0.1), "plan.tome_ratio"),
-        (make_plan("step:3", steps=2), "plan.split.index"),
+        (wire_plan("decoder", 0), "plan.steps"),
+        (wire_plan("decoder", 101), "plan.steps"),
+        (wire_plan("decoder", 2, merge_ratio=0.9), "plan.merge_ratio"),
+        (wire_plan("decoder", 2, tome_ratio=-0.1), "plan.tome_ratio"),
+        (wire_plan("step:3", 2), "plan.split.index"),
     ]:
         with pytest.raises(InvalidInputError) as info:
             validate_plan(plan, ServiceLimits())
         assert info.value.field == field
-    validate_plan(make_plan("step:1", steps=2), ServiceLimits())
+    validate_plan(wire_plan("step:1", 2), ServiceLimits())
     validate_request(_request(width=0, height=0), ServiceLimits())  # 0: the edge's default
 
 
@@ -223,22 +222,6 @@ def test_cancelled_work_keeps_its_place_until_the_thread_returns() -> None:
     assert asyncio.run(scenario()) == (1, 0)
 
 
-# -- rule-based policy ----------------------------------------------------------------------
-
-
-def test_rule_policy_merges_more_on_worse_links_and_cuts_steps_when_tight() -> None:
-    policy, config = RuleBasedPolicy(), RulePolicyConfig()
-    good = policy.decide(policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=20.0)))
-    fair = policy.decide(policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=2.2)))
-    poor = policy.decide(policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=-4.4)))
-    tight = policy.decide(policy_pb.Observation(channel=gen_pb.ChannelState(snr_db=20.0), limits=gen_pb.Limits(latency_s=0.5)))
-    assert good.merge_ratio < fair.merge_ratio < poor.merge_ratio
-    assert good.steps == config.steps and tight.steps == config.min_steps
-    for plan in (good, fair, poor, tight):
-        validate_plan(plan, ServiceLimits())
-        assert plan.split.kind == gen_pb.SPLIT_KIND_DECODER and plan.policy == "rule-based"
-
-
 # -- policy service over sockets: auth, TLS, mTLS, health, metrics ---------------------------
 
 
@@ -257,7 +240,7 @@ def test_bearer_token_is_required_and_health_stays_open() -> None:
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "bearer token" in info.value.details()
         response = _decide(channel, token_metadata("s3cret"))
-        assert response.plan.merge_ratio == RulePolicyConfig().poor_merge_ratio
+        assert response.plan.merge_ratio == RuleConfig().merge_levels[-1]  # -4.4 dB: the poorest band
         assert response.decision_latency_s >= 0
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="meg.v1.PolicyService"), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -308,9 +291,9 @@ def test_unreadable_certificate_file_is_named(tmp_path: Path) -> None:
 
 
 def test_report_dict_is_json_ready() -> None:
-    from meg.services.convert import channel_to_dict, plan_to_dict
+    from meg.convert import channel_to_dict
 
-    plan = plan_to_dict(make_plan("step:1", steps=2, codec_chain="fp16,zstd:3"))
+    plan = make_plan("step:1", steps=2, codec_chain="fp16,zstd:3").to_dict()
     channel = channel_to_dict(channel_from_link_config(LinkConfig(mode="analog", snr_db=2.2)))
     assert json.loads(json.dumps({"plan": plan, "channel": channel}))["plan"]["split"] == "step:1"
     assert channel["mode"] == "analog"

@@ -263,6 +263,7 @@ class _RecordingRuntime:
 
     name = "torch"
     providers = ("torch-cpu",)
+    grouping = 4
 
     def __init__(self, engine: SplitEngine) -> None:
         self.engine = engine

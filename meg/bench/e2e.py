@@ -57,9 +57,9 @@ def _channels() -> dict[str, tuple[object, float]]:
 def run_e2e_bench(model: str = "auto", seed: int = 0, prompt: str | None = None) -> list[E2eRow]:
     """Generate once per (plan, channel); rows in the order of the table."""
     from meg.demo import DemoConfig, resolve_model
+    from meg.recipes.plan import make_plan
     from meg.services.background import ServiceLoop, start_edge
     from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
-    from meg.services.convert import make_plan
     from meg.services.edge_config import EdgeConfig
     from meg.split.loading import load_pipeline, native_size_px
 
@@ -91,21 +91,22 @@ def run_e2e_bench(model: str = "auto", seed: int = 0, prompt: str | None = None)
                                                 width=native_size_px(pipeline), height=native_size_px(pipeline),
                                                 distance_m=distance_m, plan=plan, model=model)
                         by_plan[label] = client.generate(request, reference=True).report
-                    image_latency = by_plan["image"]["latency_s"]["modelled_total"]
+                    image_latency = by_plan["image"].latency_s.modelled_total
                     for label, report in by_plan.items():
+                        assert report.quality is not None
                         rows.append(E2eRow(
-                            split=report["plan"]["split"],
+                            split=report.plan["split"],
                             plan=label,
                             channel=channel_name,
-                            link_bytes=report["bytes"]["downlink"] + report["bytes"]["uplink"],
-                            downlink_bytes=report["bytes"]["downlink"],
-                            uplink_bytes=report["bytes"]["uplink"],
-                            modelled_latency_s=report["latency_s"]["modelled_total"],
-                            modelled_energy_j=report["energy_j"]["modelled_total"],
-                            measured_wall_s=report["latency_s"]["measured_wall"],
-                            mse_vs_reference=report["quality"]["mse_vs_reference"],
-                            latency_vs_image=report["latency_s"]["modelled_total"] / image_latency,
-                            fallback=report["fallback"]["used"],
+                            link_bytes=report.bytes.downlink + report.bytes.uplink,
+                            downlink_bytes=report.bytes.downlink,
+                            uplink_bytes=report.bytes.uplink,
+                            modelled_latency_s=report.latency_s.modelled_total,
+                            modelled_energy_j=report.energy_j.modelled_total,
+                            measured_wall_s=report.latency_s.measured_wall,
+                            mse_vs_reference=report.quality.mse_vs_reference,
+                            latency_vs_image=report.latency_s.modelled_total / image_latency,
+                            fallback=report.fallback.used,
                         ))
         finally:
             edge.stop(0.5)

@@ -4,17 +4,36 @@ Sub-commands are imported lazily so that `meg --help` stays fast and a command's
 imports (torch, diffusers, grpc) are paid only when it runs. To add one, put a click
 command or group in a module and name it in ``COMMANDS`` (or in ``meg.cli.bench``'s
 ``BENCHMARKS`` for `meg bench ...`).
+
+Errors are reported here, once for every command: a `meg.errors.MegError` (the user's
+input, a missing model, an unreachable edge …) prints one line ``error: FIELD: message``
+and exits with the code of its kind (``EXIT_CODES``); anything else is a bug and keeps its
+traceback (exit 1).
+
+====  ======================================================================
+code  meaning
+====  ======================================================================
+0     success
+1     internal error (a bug; the traceback is printed)
+2     bad input: a command-line usage error or an `InvalidInputError`
+3     not found: a model, checkpoint or file (`ModelNotFoundError`)
+4     unavailable: an edge/policy service unreachable, a deadline passed, the link failed
+5     resource exhausted: queue full, a size limit
+6     authentication failed
+130   interrupted (Ctrl-C)
+====  ======================================================================
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
 import click
 
-__all__ = ["LazyGroup", "main"]
+__all__ = ["EXIT_CODES", "LazyGroup", "exit_code_for", "main"]
 
 # name -> ("module:attribute", one-line help shown by `meg --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +48,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-onnx": ("meg.split.onnx_cli:export_onnx", "Export a split's device partition to ONNX (cached)."),
     "policy": ("meg.policy.cli:policy", "Plan split/steps/merge under limits: profile, train (CVPO, PPO), eval."),
 }
+
+
+EXIT_CODES: dict[str, int] = {
+    "InvalidInputError": 2,
+    "ModelNotFoundError": 3,
+    "UnavailableError": 4,
+    "DeadlineExceededError": 4,
+    "ChannelError": 4,
+    "CancelledByClient": 4,
+    "ResourceExhaustedError": 5,
+    "AuthenticationError": 6,
+}
+"""Exit code by `meg.errors` class (the first base class found in this table wins)."""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """Exit code of an exception raised by a command (see the table in the module docstring)."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in EXIT_CODES and cls.__module__ == "meg.errors":
+            return EXIT_CODES[cls.__name__]
+    return 1
 
 
 class LazyGroup(click.Group):
@@ -50,6 +90,19 @@ class LazyGroup(click.Group):
                 raise TypeError(f"{target} is not a click command")
             return command
         return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a `MegError` becomes one line and its exit code (the one handler)."""
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            from meg.errors import MegError  # light: no torch
+
+            if not isinstance(exc, MegError) or ctx.parent is not None:
+                raise
+            where = f"{exc.field}: " if exc.field and not exc.message.startswith(f"{exc.field}:") else ""
+            click.echo(f"error: {where}{exc.message}", err=True)
+            ctx.exit(exit_code_for(exc))
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help texts come from the registry, so listing commands imports nothing heavy.
@@ -75,4 +128,8 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    # Third-party notices (transformers' optional torchvision backends, diffusers' missing
+    # `accelerate`) say nothing about the user's command; their own warnings and errors stay.
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="meg")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meg.codecs.merge import MAX_MERGE_RATIO
 from meg.errors import InvalidInputError
 
 __all__ = ["SPLIT_CODES", "CostModel", "PlanCosts", "crossing_bits"]
@@ -39,7 +40,7 @@ def crossing_bits(split: np.ndarray, pixels: np.ndarray, merge_ratio: np.ndarray
         and r = ⌊ratio·N⌋; image → 24·H·W; device → 0.
     """
     tokens = pixels / 256.0
-    merged = np.floor(np.clip(merge_ratio, 0.0, 0.75) * tokens)
+    merged = np.floor(np.clip(merge_ratio, 0.0, MAX_MERGE_RATIO) * tokens)
     decoder_bits = 16 * latent_bits_per_value * (tokens - merged) + merge_index_bits * merged
     image_bits = image_bits_per_pixel * pixels
     return np.where(split == 1, decoder_bits, np.where(split == 2, image_bits, 0.0))

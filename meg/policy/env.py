@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from meg.codecs.merge import MAX_MERGE_RATIO
 from meg.errors import InvalidInputError
 from meg.policy.costs import SPLIT_CODES, CostModel
 from meg.policy.distortion import DistortionTable, load_table
@@ -57,7 +58,7 @@ class EnvConfig:
     """Total denoising steps the policy chooses from (paper: 4…12)."""
     merge_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     """Merge-ratio bins of the discrete head (the continuous head covers [0, max])."""
-    max_merge_ratio: float = 0.75
+    max_merge_ratio: float = MAX_MERGE_RATIO
     """Largest token-merge ratio (bipartite matching merges at most 3 of 4 tokens)."""
     merge_head: Literal["discrete", "continuous"] = "discrete"
     """How the merge ratio is chosen."""
@@ -96,8 +97,8 @@ class EnvConfig:
             raise InvalidInputError(f"splits {list(self.splits)} must be a non-empty subset of {SPLIT_CODES}")
         if not self.steps or min(self.steps) < 1:
             raise InvalidInputError(f"steps {list(self.steps)} must be positive")
-        if not 0.0 <= self.max_merge_ratio <= 0.75:
-            raise InvalidInputError(f"max_merge_ratio must be in [0, 0.75], got {self.max_merge_ratio!r}")
+        if not 0.0 <= self.max_merge_ratio <= MAX_MERGE_RATIO:
+            raise InvalidInputError(f"max_merge_ratio must be in [0, {MAX_MERGE_RATIO}], got {self.max_merge_ratio!r}")
         if any(not 0.0 <= m <= self.max_merge_ratio for m in self.merge_ratios) or not self.merge_ratios:
             raise InvalidInputError(f"merge_ratios {list(self.merge_ratios)} must lie in [0, {self.max_merge_ratio}]")
         if self.distance_min_m <= 0 or self.distance_max_m < self.distance_min_m:

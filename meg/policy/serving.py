@@ -19,16 +19,10 @@ import torch
 from meg.errors import InvalidInputError
 from meg.policy.costs import SPLIT_CODES
 from meg.policy.env import EnvConfig, PlanSimulator, features
+from meg.recipes.plan import MEG_TOME_RATIO, make_plan, plan_to_proto
 from meg.v1 import generation_pb2, policy_service_pb2
 
 __all__ = ["AgentPolicy", "Policy", "RulePolicy", "load_policy", "packaged_checkpoint", "plan_proto", "rule_policy"]
-
-_SPLIT_KIND = {
-    "device": generation_pb2.SPLIT_KIND_DEVICE,
-    "decoder": generation_pb2.SPLIT_KIND_DECODER,
-    "image": generation_pb2.SPLIT_KIND_IMAGE,
-}
-
 
 class Policy(Protocol):
     name: str
@@ -36,13 +30,15 @@ class Policy(Protocol):
     def decide(self, observation: policy_service_pb2.Observation) -> generation_pb2.Plan: ...
 
 
-def plan_proto(split: str, steps: int, merge_ratio: float, policy: str) -> generation_pb2.Plan:
-    """A Plan message; the decoder split carries its merge ratio in the codec chain."""
+def plan_proto(split: str, steps: int, merge_ratio: float, policy: str, *,
+               tome_ratio: float = MEG_TOME_RATIO) -> generation_pb2.Plan:
+    """The wire plan of a planner's choice: the decoder split merges the latent at
+    ``merge_ratio`` (the chain's merge stage); the edge UNet runs ToMe at ``tome_ratio``
+    whenever the edge denoises (MEG: 0.5)."""
     merge = float(merge_ratio) if split == "decoder" else 0.0
-    chain = f"merge:{merge:g},fp16" if merge > 0 else "fp16"
-    return generation_pb2.Plan(
-        split=generation_pb2.SplitPoint(kind=_SPLIT_KIND[split]), steps=int(steps), merge_ratio=merge,
-        codec_chain=chain, policy=policy)
+    plan = make_plan(split, steps=int(steps), merge_ratio=merge, codec_chain="fp16",
+                     tome_ratio=tome_ratio if split != "device" else 0.0, policy=policy)
+    return plan_to_proto(plan)
 
 
 class _Observed:

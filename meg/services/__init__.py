@@ -5,7 +5,7 @@ The public surface, re-exported lazily (importing `meg.services` stays cheap)::
     edge = start_edge(EdgeConfig(port=0))               # or: await create_edge_server(config)
     with DeviceClient(edge.address, ClientConfig()) as device:
         result = device.generate(DeviceRequest(prompt="a red cube"), reference=True)
-    result.image, result.report                         # [1, 3, H, W] in [0, 1], JSON-ready dict
+    result.image, result.report                         # [1, 3, H, W] in [0, 1], GenerationReport
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ __all__ = [
     "GenerationResult",
     "PolicyServer",
     "PolicyServerConfig",
-    "RuleBasedPolicy",
-    "RulePolicyConfig",
     "RunningServer",
     "ServiceLimits",
     "ServiceLoop",
     "TlsConfig",
     "create_edge_server",
     "create_policy_server",
-    "make_plan",
     "save_png",
     "serve_edge",
     "serve_policy",
@@ -52,15 +49,12 @@ _WHERE = {
     "PolicyServerConfig": "policy_server",
     "create_policy_server": "policy_server",
     "serve_policy": "policy_server",
-    "RuleBasedPolicy": "rule_policy",
-    "RulePolicyConfig": "rule_policy",
     "RunningServer": "background",
     "ServiceLoop": "background",
     "start_edge": "background",
     "start_policy": "background",
     "ServiceLimits": "limits",
     "TlsConfig": "security",
-    "make_plan": "convert",
 }
 
 

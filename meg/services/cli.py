@@ -1,22 +1,23 @@
 """`meg serve edge`, `meg serve policy` and `meg generate`.
 
 Defaults come from the services' frozen dataclasses (`EdgeConfig`, `PolicyServerConfig`,
-`ClientConfig`, `DeviceRequest`, `RulePolicyConfig`), so they are defined once.
+`ClientConfig`, `DeviceRequest`), so they are defined once. Errors are reported by the one
+handler of `meg.cli` (one line, documented exit code).
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from meg.recipes.meg import DEFAULT_STEPS
+from meg.recipes.report import GenerationReport
 from meg.services.client import ClientConfig, DeviceRequest
 from meg.services.edge import EdgeConfig
 from meg.services.policy_server import PolicyServerConfig
-from meg.services.rule_policy import RulePolicyConfig
 from meg.services.security import TOKEN_ENV_VAR, TlsConfig
 
 __all__ = ["generate", "serve"]
@@ -134,11 +135,12 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
 @click.option("--bandwidth-hz", type=float, default=None, help="Link bandwidth.")
 @click.option("--rate-bps", type=float, default=None, help="Fixed link rate (default: from SNR and bandwidth).")
 @click.option("--fading", type=click.Choice(["awgn", "rayleigh", "rician"]), default="awgn", show_default=True)
-@click.option("--split", default=None, help="Force a split (device, step:K, decoder, image, unet:B); default: the policy decides.")
-@click.option("--steps", type=int, default=None, help="Steps of a forced plan (default: the rule policy's).")
-@click.option("--merge-ratio", type=float, default=0.0, show_default=True, help="Merge ratio of a forced plan.")
-@click.option("--codec", default=RulePolicyConfig.good_chain, show_default=True, help="Codec chain of a forced plan.")
-@click.option("--tome-ratio", type=float, default=0.0, show_default=True, help="Edge ToMe ratio of a forced plan.")
+@click.option("--split", default=None,
+              help="Force a plan with this split (device, step:K, decoder, image, unet:B); default: the policy decides.")
+@click.option("--steps", type=int, default=None, help=f"Steps of a forced plan (default {DEFAULT_STEPS}); needs --split.")
+@click.option("--merge-ratio", type=float, default=None, help="Merge ratio of a forced plan (default 0); needs --split.")
+@click.option("--codec", default=None, help="Codec chain of a forced plan (default none); needs --split.")
+@click.option("--tome-ratio", type=float, default=None, help="Edge ToMe ratio of a forced plan (default 0); needs --split.")
 @click.option("--latency-limit-s", type=float, default=0.0, show_default=True, help="Latency limit (0: none).")
 @click.option("--energy-limit-j", type=float, default=0.0, show_default=True, help="Energy limit (0: none).")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "torch", "eager"]), default=ClientConfig.runtime, show_default=True,
@@ -154,19 +156,23 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
               show_default=True, help="Folder for image.png and report.json.")
 def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: int, width: int | None, height: int | None,
              device_profile: str, mode: str, snr_db: float | None, distance_m: float | None, bandwidth_hz: float | None,
-             rate_bps: float | None, fading: str, split: str | None, steps: int | None, merge_ratio: float, codec: str,
-             tome_ratio: float, latency_limit_s: float, energy_limit_j: float, runtime: str, model: str,
-             token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
+             rate_bps: float | None, fading: str, split: str | None, steps: int | None, merge_ratio: float | None,
+             codec: str | None, tome_ratio: float | None, latency_limit_s: float, energy_limit_j: float, runtime: str,
+             model: str, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
              tls_server_name: str | None, deadline_s: float, no_fallback: bool, reference: bool, out_dir: Path) -> None:
     """Generate one image as the user device: the edge runs its part, this machine the rest."""
     import dataclasses
 
     from meg.channel.link import LinkConfig
     from meg.channel.pathloss import MEG_LINK_BUDGET
-    from meg.errors import MegError
+    from meg.recipes.plan import make_plan
     from meg.services.client import DeviceClient
-    from meg.services.convert import make_plan
+    from meg.services.wire import tune_malloc
 
+    plan_options = {"--steps": steps, "--merge-ratio": merge_ratio, "--codec": codec, "--tome-ratio": tome_ratio}
+    given = [name for name, value in plan_options.items() if value is not None]
+    if split is None and given:
+        raise click.UsageError(f"{', '.join(given)} set a forced plan and need --split (else the policy decides)")
     link_fields: dict[str, Any] = {"mode": mode, "fading": fading}
     if snr_db is None and distance_m is not None:
         snr_db = float(MEG_LINK_BUDGET.snr_db(distance_m))
@@ -174,47 +180,45 @@ def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: in
         if value is not None:
             link_fields[name] = value
     sizes: dict[str, Any] = {k: v for k, v in (("width", width), ("height", height)) if v is not None}
-    try:
-        plan = (make_plan(split, steps=steps or RulePolicyConfig.steps, merge_ratio=merge_ratio, codec_chain=codec,
-                          tome_ratio=tome_ratio) if split else None)
-        request = DeviceRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, device_profile=device_profile,
-                                link=dataclasses.replace(LinkConfig(), **link_fields), distance_m=distance_m or 0.0,
-                                latency_limit_s=latency_limit_s, energy_limit_j=energy_limit_j, plan=plan, **sizes)
-        config = ClientConfig(deadline_s=deadline_s, token=token, runtime=runtime,  # type: ignore[arg-type]
-                              tls=_tls(tls_cert, tls_key, tls_ca, tls_server_name), model=model,
-                              fallback=not no_fallback)
-        with DeviceClient(list(edges), config) as client:
-            result = client.generate(request, reference=reference)
-    except MegError as exc:
-        click.echo(f"error: {exc.field + ': ' if exc.field else ''}{exc.message}", err=True)
-        sys.exit(2)
+    plan = (make_plan(split, steps=steps or DEFAULT_STEPS, merge_ratio=merge_ratio or 0.0, codec_chain=codec or "none",
+                      tome_ratio=tome_ratio or 0.0) if split else None)
+    request = DeviceRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, device_profile=device_profile,
+                            link=dataclasses.replace(LinkConfig(), **link_fields), distance_m=distance_m or 0.0,
+                            latency_limit_s=latency_limit_s, energy_limit_j=energy_limit_j, plan=plan, **sizes)
+    config = ClientConfig(deadline_s=deadline_s, token=token, runtime=runtime,  # type: ignore[arg-type]
+                          tls=_tls(tls_cert, tls_key, tls_ca, tls_server_name), model=model,
+                          fallback=not no_fallback)
+    tune_malloc()  # this process receives 1 MiB messages: reuse their freed buffers
+    with DeviceClient(list(edges), config) as client:
+        result = client.generate(request, reference=reference)
     image_path, report_path = result.save(out_dir)
     print_summary(result.report)
     click.echo(f"wrote {image_path} and {report_path}")
 
 
-def print_summary(report: dict[str, Any]) -> None:
+def print_summary(report: GenerationReport) -> None:
     """A short table of a generation report: plan, bytes, latency parts, quality."""
     from rich.console import Console
     from rich.table import Table
 
-    plan = report["plan"]
-    table = Table(title=f"request {report['request_id'][:12]}", show_header=True)
+    plan = report.plan
+    table = Table(title=f"{report.recipe} request {report.request_id[:12]}", show_header=True)
     table.add_column("item")
     table.add_column("value", justify="right")
     table.add_row("split / steps", f"{plan['split']} / {plan['steps']}")
-    table.add_row("codec / merge", f"{plan['codec_chain']} / {plan['merge_ratio']:g}")
+    table.add_row("codec / merge / ToMe", f"{plan['codec_chain']} / {plan['merge_ratio']:g} / {plan['tome_ratio']:g}")
+    for name, value in plan["params"].items():
+        table.add_row(f"plan {name}", f"{value:g}")
     table.add_row("policy", str(plan["policy"]))
-    fallback = report["fallback"]
-    table.add_row("fallback", fallback["reason"] if fallback["used"] else "no")
-    table.add_row("link", f"{report['channel']['mode']} @ {report['channel']['snr_db']:.1f} dB")
-    table.add_row("bytes down / up", f"{report['bytes']['downlink']} / {report['bytes']['uplink']}")
-    for part in report["parts"]:
-        kind = "measured" if part["measured"] else "modelled"
-        table.add_row(f"{part['part']} ({part['profile']}, {kind})", f"{part['latency_s'] * 1e3:.2f} ms")
+    table.add_row("fallback", report.fallback.reason or "" if report.fallback.used else "no")
+    table.add_row("link", f"{report.channel.mode} @ {report.channel.snr_db:.1f} dB")
+    table.add_row("bytes down / up", f"{report.bytes.downlink} / {report.bytes.uplink}")
+    for part in report.parts:
+        kind = "measured" if part.measured else "modelled"
+        table.add_row(f"{part.part} ({part.profile}, {kind})", f"{part.latency_s * 1e3:.2f} ms")
     table.add_row("modelled latency / energy",
-                  f"{report['latency_s']['modelled_total'] * 1e3:.2f} ms / {report['energy_j']['modelled_total']:.3g} J")
-    table.add_row("measured wall", f"{report['latency_s']['measured_wall'] * 1e3:.1f} ms")
-    if report.get("quality"):
-        table.add_row("MSE vs reference", f"{report['quality']['mse_vs_reference']:.3g}")
+                  f"{report.latency_s.modelled_total * 1e3:.2f} ms / {report.energy_j.modelled_total:.3g} J")
+    table.add_row("measured wall", f"{report.latency_s.measured_wall * 1e3:.1f} ms")
+    if report.quality is not None:
+        table.add_row("MSE vs reference", f"{report.quality.mse_vs_reference:.3g}")
     Console().print(table)

@@ -1,23 +1,23 @@
 """The device (UE) client: ask an edge for its part, finish the image here, report it all.
 
 `DeviceClient.generate(request)` opens a `Generate` stream to one of the edge addresses
-(client-side `round_robin` with gRPC health checks when there are several), reassembles
-and verifies the crossing tensors, decodes the codec chain, runs the device partition
-(ONNX Runtime by default, or torch) and returns the image with a report (DESIGN.md §4).
-Every call has a deadline. When the edge is unreachable (UNAVAILABLE), too slow (deadline)
-or the stream breaks, the client generates on the device instead (the `device` split) and
-says so in the report.
+(client-side `round_robin` with gRPC health checks when there are several), sends the
+request and any tensors the recipe's device half sends up, reassembles and verifies the
+tensors that come down and hands each to the device half as it completes; the device half
+finishes the image (ONNX Runtime by default, or torch). The client knows no recipe: it
+dispatches on `GenerationRequest.recipe` (`meg.recipes.registry`). Every call has a
+deadline. When the edge is unreachable (UNAVAILABLE), too slow (deadline) or the stream
+breaks, the device half generates without it and the report says so.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +27,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meg.channel.link import LinkConfig
-from meg.codecs.chain import EncodedTensor, decode
-from meg.codecs.framing import FramingLimits, TensorAssembler
-from meg.devices import load_profile
+from meg.codecs.chain import EncodedTensor
+from meg.codecs.framing import FramingLimits, TensorAssembler, frame_tensor
+from meg.convert import channel_from_link_config, channel_to_dict
 from meg.errors import (
     ChannelError,
     DeadlineExceededError,
@@ -38,22 +38,27 @@ from meg.errors import (
     MegError,
     UnavailableError,
 )
-from meg.services.convert import (
-    channel_from_link_config,
-    channel_to_dict,
-    inputs_from_request,
-    plan_to_dict,
-    split_from_proto,
+from meg.recipes.base import DeviceContext, DeviceHalf, DeviceOutput
+from meg.recipes.plan import Plan, plan_from_proto, plan_to_proto
+from meg.recipes.registry import recipe_by_name, recipe_for
+from meg.recipes.report import (
+    BytesRecord,
+    ChannelRecord,
+    DeviceRecord,
+    FallbackRecord,
+    GenerationReport,
+    LatencyRecord,
+    PartCost,
+    TensorRecord,
+    quality_vs_reference,
 )
 from meg.services.edge_config import EdgeConfig
 from meg.services.limits import ServiceLimits
-from meg.services.rule_policy import RulePolicyConfig
 from meg.services.security import TlsConfig, channel_credentials, token_metadata
 from meg.services.status import error_from_rpc
 from meg.services.transport import channel_options
-from meg.services.wire import ChunkView, generate_call, tune_malloc
-from meg.split.engine import GenerationInputs, SplitEngine
-from meg.split.points import SplitPoint
+from meg.services.wire import ChunkView, generate_call
+from meg.split.engine import SplitEngine
 from meg.v1 import edge_service_pb2 as edge_pb
 from meg.v1 import edge_service_pb2_grpc as edge_grpc
 from meg.v1 import generation_pb2 as gen_pb
@@ -91,8 +96,6 @@ class ClientConfig:
     """Pipeline the device loads for its partition (and for falling back); the edge's default."""
     fallback: bool = True
     """Generate on the device when the edge is unreachable, too slow or the stream breaks."""
-    fallback_steps: int = RulePolicyConfig.steps
-    """Denoising steps of an on-device fallback when no plan has arrived."""
     max_message_bytes: int = ServiceLimits.max_message_bytes
     """Largest gRPC message accepted from the edge."""
     framing: FramingLimits = field(default_factory=FramingLimits)
@@ -103,15 +106,15 @@ class ClientConfig:
 class DeviceRequest:
     """One generation as the device asks for it (converted to `GenerationRequest`).
 
-    `plan` forces a plan (e.g. `meg.services.convert.make_plan("decoder", steps=2)`);
-    None lets the edge's policy decide.
+    `plan` forces a plan (e.g. `meg.recipes.make_plan("decoder", steps=2)`); None lets the
+    edge's policy decide. Width and height 0 mean the model's native size.
     """
 
     prompt: str
     negative_prompt: str = ""
     seed: int = 0
-    width: int = GenerationInputs.width
-    height: int = GenerationInputs.height
+    width: int = 0
+    height: int = 0
     guidance_scale: float = 0.0
     """0 means the model's default."""
     device_profile: str = "jetson-agx-orin"
@@ -119,9 +122,11 @@ class DeviceRequest:
     distance_m: float = 0.0
     latency_limit_s: float = 0.0
     energy_limit_j: float = 0.0
-    plan: gen_pb.Plan | None = None
+    plan: Plan | None = None
     request_id: str = ""
     model: str = ""
+    recipe: str = "meg"
+    """Registered recipe name (`meg.recipes.registry`)."""
 
     def to_proto(self) -> gen_pb.GenerationRequest:
         request = gen_pb.GenerationRequest(
@@ -134,21 +139,21 @@ class DeviceRequest:
             limits=gen_pb.Limits(latency_s=self.latency_limit_s, energy_j=self.energy_limit_j),
             device_profile=self.device_profile,
             channel=channel_from_link_config(self.link, distance_m=self.distance_m),
-            recipe=gen_pb.RECIPE_MEG,
+            recipe=recipe_by_name(self.recipe).wire_id,  # type: ignore[arg-type]
             model=self.model,
             guidance_scale=self.guidance_scale,
         )
         if self.plan is not None:
-            request.plan_override.CopyFrom(self.plan)
+            request.plan_override.CopyFrom(plan_to_proto(self.plan))
         return request
 
 
 @dataclass
 class GenerationResult:
-    """The image ([1, 3, H, W] float32 in [0, 1]) and the JSON-ready report."""
+    """The image ([1, 3, H, W] float32 in [0, 1]) and its report."""
 
     image: torch.Tensor
-    report: dict[str, Any]
+    report: GenerationReport
 
     def save(self, out_dir: Path) -> tuple[Path, Path]:
         """Write `image.png` and `report.json` into `out_dir`; return both paths."""
@@ -156,7 +161,7 @@ class GenerationResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         image_path, report_path = out_dir / "image.png", out_dir / "report.json"
         save_png(self.image, image_path)
-        report_path.write_text(json.dumps(self.report, indent=2) + "\n")
+        self.report.save(report_path)
         return image_path, report_path
 
 
@@ -175,19 +180,10 @@ class _EdgeBroke(UnavailableError):
 
 @dataclass
 class _EdgeAnswer:
-    plan: gen_pb.Plan | None = None
+    plan: Plan | None = None
     report: gen_pb.EdgeReport | None = None
-    tensors: dict[str, EncodedTensor] = field(default_factory=dict)
+    tensors: list[tuple[str, EncodedTensor]] = field(default_factory=list)
     progress_events: int = 0
-
-
-def _add_chunk(chunk: ChunkView | tensor_pb2.TensorChunk, assemblers: dict[int, TensorAssembler],
-               names: dict[int, str], answer: _EdgeAnswer) -> None:
-    """Feed one chunk to its tensor's assembler; store the tensor once it is complete."""
-    if chunk.tensor_id not in assemblers:
-        raise FramingError(f"chunk for unknown tensor_id {chunk.tensor_id}", field="tensor_chunk")
-    if assemblers[chunk.tensor_id].add(chunk):
-        answer.tensors[names[chunk.tensor_id]] = assemblers.pop(chunk.tensor_id).result()
 
 
 def _target(addresses: Sequence[str]) -> str:
@@ -207,7 +203,7 @@ def _target(addresses: Sequence[str]) -> str:
 
 
 class DeviceClient:
-    """The user device's side of MEG; `generate` may be called from several threads at once.
+    """The user device's side of every recipe; `generate` may be called from several threads.
 
     Args:
         addresses: edge addresses `host:port`; several are balanced round-robin, and only
@@ -241,14 +237,13 @@ class DeviceClient:
         self._stub = edge_grpc.EdgeServiceStub(self._channel)
         # Generate with the zero-copy deserializer: tensor chunks arrive as ChunkView
         self._generate = generate_call(self._channel)
-        tune_malloc()  # reuse freed message buffers instead of faulting in new pages per chunk
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # After a failure (and at first) wait for a healthy edge before calling; while calls
         # succeed, skip that extra RPC (it would also skew round_robin's alternation).
         self._edge_ok = False
         self._metadata = token_metadata(config.token)
         self._pipeline = pipeline
-        self._engine: SplitEngine | None = None
+        self._context: DeviceContext | None = None
         self._runtimes: dict[tuple[int, int, tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
 
@@ -265,7 +260,7 @@ class DeviceClient:
 
         Args:
             request: what to generate, with the device profile and channel state.
-            reference: also run the unsplit reference here and report the difference.
+            reference: also produce the recipe's unsplit reference here and report the difference.
             on_event: called with every message the edge streams (plan, progress, ...), as a
                 ``GenerateResponse``; tensor chunks are received without copying their data and
                 converted (with a copy) only when this is set.
@@ -277,61 +272,40 @@ class DeviceClient:
         proto = request.to_proto() if isinstance(request, DeviceRequest) else request
         if not proto.request_id:
             proto.request_id = uuid.uuid4().hex
-        engine = self._get_engine()
+        recipe = recipe_for(proto.recipe)
+        half = recipe.device_half(self._device_context(proto.device_profile or None), proto)
         started = time.perf_counter()
         answer = _EdgeAnswer()
         fallback_reason: str | None = None
-        crossing: dict[str, Any] = {}
-        decode_s = 0.0
         try:
             if not self._edge_ok:
                 self._wait_for_edge()
-            self._call_edge(proto, answer, on_event)
-            assert answer.plan is not None
-            plan = answer.plan
-            decode_started = time.perf_counter()
+            self._call_edge(proto, half, answer, on_event)
+            edge_wall_s = time.perf_counter() - started
             try:
-                split = split_from_proto(plan.split)
-                inputs = inputs_from_request(proto, plan.steps)
-                crossing = self._decode_crossing(answer.tensors, engine, split, inputs)
+                output = half.finish()
             except MegError as exc:  # the edge answered with something this device cannot use
                 raise _EdgeBroke(f"edge sent unusable data: {exc.message}", field=exc.field) from exc
-            decode_s = time.perf_counter() - decode_started
             self._edge_ok = True
+            plan = half.plan
         except _FALLBACK_ERRORS as exc:
             self._edge_ok = False
             if not self.config.fallback:
                 raise
             fallback_reason = f"{type(exc).__name__}: {exc.message}"
-            steps = answer.plan.steps if answer.plan is not None else self.config.fallback_steps
-            plan = gen_pb.Plan(split=gen_pb.SplitPoint(kind=gen_pb.SPLIT_KIND_DEVICE), steps=steps,
-                               codec_chain="none", policy="fallback")
-            split = SplitPoint("device")
-            inputs = inputs_from_request(proto, plan.steps)
-            crossing = {}
-        edge_wall_s = time.perf_counter() - started - decode_s
-
-        setup_started = time.perf_counter()
-        runtime = self._get_runtime(inputs, split)  # exports ONNX on first use of a resolution
-        setup_s = time.perf_counter() - setup_started
-        compute_started = time.perf_counter()
-        image = engine.run_device(crossing, inputs, split, runtime=runtime)
-        device_compute_s = time.perf_counter() - compute_started
-        wall_s = time.perf_counter() - started - setup_s
-
-        report = self._report(proto, plan, split, inputs, answer, fallback_reason, runtime,
-                              edge_wall_s=edge_wall_s, decode_s=decode_s, device_compute_s=device_compute_s,
-                              wall_s=wall_s, setup_s=setup_s)
+            edge_wall_s = time.perf_counter() - started
+            output = half.fallback(fallback_reason)
+            plan = half.fallback_plan()
+        assert plan is not None
+        wall_s = time.perf_counter() - started - output.setup_s
+        report = self._report(proto, recipe.name, plan, answer, fallback_reason, output,
+                              edge_wall_s=edge_wall_s, wall_s=wall_s)
         if reference:
-            expected = engine.run_full(inputs)
-            mse = float(torch.mean((image.float() - expected.float()) ** 2))
-            report["quality"] = {
-                "reference": "unsplit generation, same seed and steps, torch",
-                "mse_vs_reference": mse,
-                "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else None,  # None: identical
-                "max_abs_diff": float((image.float() - expected.float()).abs().max()),
-            }
-        return GenerationResult(image=image, report=report)
+            expected = half.reference()
+            if expected is not None:
+                report.quality = quality_vs_reference(
+                    output.image, expected, "unsplit generation, same seed and steps, torch")
+        return GenerationResult(image=output.image, report=report)
 
     def close(self) -> None:
         self._channel.close()
@@ -361,37 +335,55 @@ class DeviceClient:
         if answer.status != health_pb2.HealthCheckResponse.SERVING:
             raise UnavailableError(f"edge at {', '.join(self.addresses)} is not serving")
 
-    def _call_edge(self, request: gen_pb.GenerationRequest, answer: _EdgeAnswer,
+    def _request_stream(self, request: gen_pb.GenerationRequest, half: DeviceHalf) -> Iterator[edge_pb.GenerateRequest]:
+        """``start``, then every tensor the device half sends up, framed like the downlink."""
+        yield edge_pb.GenerateRequest(start=request)
+        for tensor_id, (name, encoded) in enumerate(half.uplink()):
+            header, chunks = frame_tensor(encoded, request_id=request.request_id, tensor_id=tensor_id, name=name)
+            yield edge_pb.GenerateRequest(tensor_header=header)
+            for chunk in chunks:
+                yield edge_pb.GenerateRequest(tensor_chunk=chunk)
+
+    def _call_edge(self, request: gen_pb.GenerationRequest, half: DeviceHalf, answer: _EdgeAnswer,
                    on_event: Callable[[edge_pb.GenerateResponse], None] | None) -> None:
         assemblers: dict[int, TensorAssembler] = {}
         names: dict[int, str] = {}
+
+        def add_chunk(chunk: ChunkView | tensor_pb2.TensorChunk) -> None:
+            if chunk.tensor_id not in assemblers:
+                raise FramingError(f"chunk for unknown tensor_id {chunk.tensor_id}", field="tensor_chunk")
+            if assemblers[chunk.tensor_id].add(chunk):
+                encoded = assemblers.pop(chunk.tensor_id).result()
+                answer.tensors.append((names[chunk.tensor_id], encoded))
+                half.on_tensor(names[chunk.tensor_id], encoded)
+
         try:
-            call = self._generate(
-                iter([edge_pb.GenerateRequest(start=request)]),
-                timeout=self.config.deadline_s,
-                metadata=self._metadata,
-            )
+            call = self._generate(self._request_stream(request, half), timeout=self.config.deadline_s,
+                                  metadata=self._metadata)
             for message in call:
                 if isinstance(message, ChunkView):  # the zero-copy path of a tensor chunk
                     if on_event is not None:
                         on_event(message.to_response())  # built (with a copy) only for the callback
-                    _add_chunk(message, assemblers, names, answer)
+                    add_chunk(message)
                     continue
                 if on_event is not None:
                     on_event(message)
                 kind = message.WhichOneof("kind")
                 if kind == "plan":
-                    answer.plan = message.plan
+                    answer.plan = plan_from_proto(message.plan)
+                    half.on_plan(answer.plan)
                 elif kind == "progress":
                     answer.progress_events += 1
                 elif kind == "tensor_header":
                     header = message.tensor_header
-                    if header.tensor_id in assemblers or header.name in answer.tensors:
+                    if header.tensor_id in assemblers or header.tensor_id in names:
                         raise FramingError(f"edge announced tensor {header.name!r} twice", field="tensor_header")
+                    if answer.plan is None:
+                        raise FramingError(f"edge sent tensor {header.name!r} before its plan", field="tensor_header")
                     assemblers[header.tensor_id] = TensorAssembler(header, self.config.framing)
                     names[header.tensor_id] = header.name
                 elif kind == "tensor_chunk":  # a chunk the zero-copy reader left to protobuf
-                    _add_chunk(message.tensor_chunk, assemblers, names, answer)
+                    add_chunk(message.tensor_chunk)
                 elif kind == "report":
                     answer.report = message.report
                 elif kind == "error":
@@ -405,22 +397,25 @@ class DeviceClient:
 
     # -- the device partition ------------------------------------------------------------------
 
-    def _get_engine(self) -> SplitEngine:
+    def _device_context(self, device_profile: str | None) -> DeviceContext:
         with self._lock:
-            if self._engine is None:
+            if self._context is None:
                 pipeline = self._pipeline
                 if pipeline is None:
                     from meg.split.loading import load_pipeline
 
                     pipeline = load_pipeline(self.config.model)
-                self._engine = SplitEngine(pipeline)
-            return self._engine
+                self._context = DeviceContext(engine=SplitEngine(pipeline), runtime=self._runtime,
+                                              device_profile=None)
+        # one engine and runtime cache for every request; the profile is the request's
+        return DeviceContext(engine=self._context.engine, runtime=self._runtime, device_profile=device_profile,
+                             store=self._context.store, lock=self._context.lock)
 
-    def _get_runtime(self, inputs: GenerationInputs, split: SplitPoint) -> Any:
-        engine = self._get_engine()
-        # decoding only needs the decoder graph; splits with device-side steps need the UNet too
-        parts: tuple[str, ...] = ("decoder",) if split.kind in ("decoder", "image") else ("decoder", "unet")
-        key = (inputs.height, inputs.width, parts)
+    def _runtime(self, height: int, width: int, parts: tuple[str, ...]) -> Any:
+        """The device runtime for ``parts`` at one resolution (exports ONNX on first use)."""
+        assert self._context is not None
+        engine = self._context.engine
+        key = (height, width, parts)
         with self._lock:
             if key not in self._runtimes:
                 if self.config.runtime == "eager":
@@ -433,108 +428,50 @@ class DeviceClient:
                     from meg.split.onnx_export import ExportOptions, export_device_partitions
                     from meg.split.runtime import OnnxRuntime
 
-                    out_dir = Path(self.config.onnx_dir) / f"{inputs.height}x{inputs.width}"
-                    export_device_partitions(engine.pipeline, out_dir=out_dir, height=inputs.height, width=inputs.width,
+                    out_dir = Path(self.config.onnx_dir) / f"{height}x{width}"
+                    export_device_partitions(engine.pipeline, out_dir=out_dir, height=height, width=width,
                                              parts=parts, unet=engine.device_unet, vae=engine.device_vae,
                                              options=ExportOptions(exporter=self.config.onnx_exporter))
                     self._runtimes[key] = OnnxRuntime(out_dir)
             return self._runtimes[key]
 
-    def _decode_crossing(self, tensors: dict[str, EncodedTensor], engine: SplitEngine, split: SplitPoint,
-                         inputs: GenerationInputs) -> dict[str, Any]:
-        """Check the received tensors against what the split should send, then decode them."""
-        expected = {spec.name: spec for spec in engine.crossing(split, inputs)}
-        if set(tensors) != set(expected):
-            raise FramingError(f"edge sent tensors {sorted(tensors)}, split {split} needs {sorted(expected)}",
-                               field="tensor_header.name")
-        out: dict[str, Any] = {}
-        for name, encoded in tensors.items():
-            spec = expected[name]
-            if tuple(encoded.shape) != tuple(spec.shape):
-                raise FramingError(f"tensor {name!r} has shape {list(encoded.shape)}, expected {list(spec.shape)}",
-                                   field="tensor_header.shape")
-            # the latent stays merged for the decoder split: the runtime unmerges it
-            out[name] = decode(encoded, unmerge=not (split.kind == "decoder" and name == "latents"))
-        return out
-
     # -- the report ------------------------------------------------------------------------------
 
-    def _report(self, request: gen_pb.GenerationRequest, plan: gen_pb.Plan, split: SplitPoint,
-                inputs: GenerationInputs, answer: _EdgeAnswer, fallback_reason: str | None, runtime: Any, *,
-                edge_wall_s: float, decode_s: float, device_compute_s: float, wall_s: float,
-                setup_s: float) -> dict[str, Any]:
-        engine = self._get_engine()
-        flops = engine.flops(split, inputs)
-        parts: list[dict[str, Any]] = []
+    def _report(self, request: gen_pb.GenerationRequest, recipe: str, plan: Plan, answer: _EdgeAnswer,
+                fallback_reason: str | None, output: DeviceOutput, *, edge_wall_s: float,
+                wall_s: float) -> GenerationReport:
         edge = answer.report if fallback_reason is None else None
-        if edge is not None:
-            parts += [_cost_dict(c) for c in edge.costs]
-        profile = load_profile(request.device_profile) if request.device_profile else None
-        parts.append({"part": "device.receive_decode", "profile": "this-machine", "latency_s": decode_s,
-                      "energy_j": 0.0, "flops": 0.0, "measured": True})
-        parts.append({"part": "device.compute", "profile": "this-machine", "latency_s": device_compute_s,
-                      "energy_j": 0.0, "flops": flops.device_flops, "measured": True})
-        if profile is not None:
-            parts.append({"part": "device.compute", "profile": profile.name,
-                          "latency_s": profile.compute_latency_s(flops.device_flops) if flops.device_flops else 0.0,
-                          "energy_j": profile.compute_energy_j(flops.device_flops) if flops.device_flops else 0.0,
-                          "flops": flops.device_flops, "measured": False})
-        modelled = [p for p in parts if not p["measured"]]
-        tensors = [
-            {"name": name, "codec_chain": enc.chain, "shape": list(enc.shape), "dtype": str(enc.dtype).removeprefix("torch."),
-             "raw_bytes": _numel(enc.shape) * enc.dtype.itemsize, "encoded_bytes": enc.bits_on_wire // 8}
-            for name, enc in answer.tensors.items()
-        ]
+        parts: list[PartCost] = [PartCost.from_proto(c) for c in edge.costs] if edge is not None else []
+        parts += output.parts
+        tensors = [TensorRecord(name=name, codec_chain=enc.chain, shape=list(enc.shape),
+                                dtype=str(enc.dtype).removeprefix("torch."),
+                                raw_bytes=enc.numel * enc.dtype.itemsize, encoded_bytes=enc.bits_on_wire // 8)
+                   for name, enc in answer.tensors] if edge is not None else []
         channel = channel_to_dict(edge.channel if edge is not None else request.channel)
-        channel.update({
-            "downlink_airtime_s": edge.downlink_airtime_s if edge else 0.0,
-            "retransmissions": int(edge.retransmissions) if edge else 0,
-            "feature_snr_db": edge.feature_snr_db if edge and channel["mode"] == "analog" else None,
-        })
-        return {
-            "request_id": request.request_id,
-            "prompt": request.prompt,
-            "seed": int(request.seed),
-            "width": inputs.width,
-            "height": inputs.height,
-            "edge_addresses": list(self.addresses),
-            "plan": plan_to_dict(plan),
-            "fallback": {"used": fallback_reason is not None, "reason": fallback_reason},
-            "channel": channel,
-            "bytes": {
-                "downlink": int(edge.downlink_bytes) if edge else 0,
-                "uplink": int(edge.uplink_bytes) if edge else 0,
-                "tensors": tensors,
-            },
-            "parts": parts,
-            "latency_s": {
-                "modelled_total": sum(p["latency_s"] for p in modelled),
-                "measured_edge_call": edge_wall_s,
-                "measured_wall": wall_s,
-                "measured_runtime_setup": setup_s,
-            },
-            "energy_j": {
-                "modelled_edge": sum(p["energy_j"] for p in modelled if p["part"].startswith("edge.")),
-                "modelled_link": sum(p["energy_j"] for p in modelled if p["part"].startswith("link.")),
-                "modelled_device": sum(p["energy_j"] for p in modelled if p["part"].startswith("device.")),
-                "modelled_total": sum(p["energy_j"] for p in modelled),
-            },
-            "device": {
-                "profile": request.device_profile or None,
-                "runtime": getattr(runtime, "name", "eager-torch"),
-                "providers": list(getattr(runtime, "providers", ("torch-cpu",))),
-            },
-            "quality": None,
-        }
-
-
-def _numel(shape: Sequence[int]) -> int:
-    out = 1
-    for size in shape:
-        out *= int(size)
-    return out
-
-
-def _cost_dict(cost: gen_pb.PartCost) -> dict[str, Any]:
-    return {"part": cost.part, "profile": cost.profile, "latency_s": cost.latency_s, "energy_j": cost.energy_j,
-            "flops": cost.flops, "measured": cost.measured}
+        channel_record = ChannelRecord(
+            **channel,
+            downlink_airtime_s=edge.downlink_airtime_s if edge else 0.0,
+            retransmissions=int(edge.retransmissions) if edge else 0,
+            feature_snr_db=edge.feature_snr_db if edge and channel["mode"] == "analog" else None,
+        )
+        modelled_latency_s, energy = GenerationReport.totals(parts)
+        height, width = (int(s) for s in output.image.shape[-2:])
+        return GenerationReport(
+            request_id=request.request_id,
+            recipe=recipe,
+            prompt=request.prompt,
+            seed=int(request.seed),
+            width=width,
+            height=height,
+            edge_addresses=list(self.addresses),
+            plan=plan.to_dict(),
+            fallback=FallbackRecord(fallback_reason is not None, fallback_reason),
+            channel=channel_record,
+            bytes=BytesRecord(int(edge.downlink_bytes) if edge else 0, int(edge.uplink_bytes) if edge else 0, tensors),
+            parts=parts,
+            latency_s=LatencyRecord(modelled_total=modelled_latency_s, measured_edge_call=edge_wall_s,
+                                    measured_wall=wall_s, measured_runtime_setup=output.setup_s),
+            energy_j=energy,
+            device=DeviceRecord(request.device_profile or None, output.runtime, list(output.providers)),
+            extra=dict(output.extra),
+        )

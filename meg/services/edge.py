@@ -16,6 +16,7 @@ import torch
 from grpc import aio
 
 from meg.devices import load_profile
+from meg.recipes.base import EdgeContext
 from meg.services.admission import WorkerPool
 from meg.services.edge_config import EdgeConfig
 from meg.services.edge_servicer import EdgeServicer, PlanSource
@@ -75,7 +76,8 @@ class EdgeServer(BoundServer):
                     from meg.split.loading import load_pipeline
 
                     pipeline = await asyncio.to_thread(load_pipeline, self.config.model)
-            self.servicer.engine = SplitEngine(pipeline)
+            self.servicer.context = EdgeContext(engine=SplitEngine(pipeline), edge_profile=self.config.edge_profile,
+                                                model=self.config.model)
             self.servicer.pool = WorkerPool(self.config.workers, self.config.queue_size)
             await set_serving(self.health, [SERVICE_NAME], True)
             log_event(_log, "edge.serving", address=self.address, model=self.config.model)

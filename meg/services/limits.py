@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from meg.codecs.merge import MAX_MERGE_RATIO
 from meg.errors import InvalidInputError
 from meg.v1 import generation_pb2 as gen_pb
 
@@ -35,7 +36,7 @@ class ServiceLimits:
     """Largest width × height."""
     max_steps: int = 100
     """Most denoising steps one request may ask for."""
-    max_merge_ratio: float = 0.75
+    max_merge_ratio: float = MAX_MERGE_RATIO
     """Largest token-merge ratio of the latent sent to the device."""
     max_tome_ratio: float = 0.75
     """Largest ToMe ratio inside the edge UNet."""

@@ -16,7 +16,6 @@ from grpc import aio
 
 from meg.services.limits import ServiceLimits, validate_plan
 from meg.services.observability import ServiceMetrics, log_event, monotonic_s
-from meg.services.rule_policy import RuleBasedPolicy
 from meg.services.security import TlsConfig
 from meg.services.status import error_message, grpc_code_for
 from meg.services.transport import (
@@ -102,7 +101,11 @@ async def create_policy_server(config: PolicyServerConfig = PolicyServerConfig()
         policy: any object with `name` and `decide(observation) -> Plan`; default rule-based.
     """
     server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes, token=config.token, tls=config.tls)
-    servicer = PolicyServicer(policy or RuleBasedPolicy(), config.limits, ServiceMetrics("policy"))
+    if policy is None:
+        from meg.policy.serving import rule_policy
+
+        policy = rule_policy()
+    servicer = PolicyServicer(policy, config.limits, ServiceMetrics("policy"))
     policy_grpc.add_PolicyServiceServicer_to_server(servicer, server)
     health = enable_health_and_reflection(server, [SERVICE_NAME])
     await set_serving(health, [SERVICE_NAME], False)

@@ -15,6 +15,7 @@ import grpc
 
 from meg.errors import (
     AuthenticationError,
+    CancelledByClient,
     ChannelError,
     CorruptPayloadError,
     DeadlineExceededError,
@@ -48,6 +49,7 @@ _MAPPING: tuple[tuple[type[MegError], grpc.StatusCode, Any], ...] = (
     (ChannelError, grpc.StatusCode.UNAVAILABLE, gen_pb.ERROR_CODE_UNAVAILABLE),
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED, gen_pb.ERROR_CODE_UNAUTHENTICATED),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND, gen_pb.ERROR_CODE_NOT_FOUND),
+    (CancelledByClient, grpc.StatusCode.CANCELLED, gen_pb.ERROR_CODE_CANCELLED),
 )
 
 # Client side: status code -> exception class (the first entry per code wins).

@@ -316,24 +316,57 @@ class Plan(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SPLIT_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     MERGE_RATIO_FIELD_NUMBER: _builtins.int
     CODEC_CHAIN_FIELD_NUMBER: _builtins.int
     TOME_RATIO_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     """Denoising steps in total (edge and device together)."""
     merge_ratio: _builtins.float
-    """Token-merge ratio of the latent sent to the device (MEG feature merging), 0..0.75."""
+    """Token-merge ratio of the latent sent to the device (MEG feature merging), 0..0.75.
+    The same ratio as the codec chain's merge stage: a sender may set either (or both,
+    equal); receivers read the chain. Kept for readers that do not parse chains.
+    """
     codec_chain: _builtins.str
-    """Codec chain for tensors crossing the cut."""
+    """Codec chain for tensors crossing the cut, e.g. "merge:0.5,int8,zstd:3"; the merge
+    stage applies to the latent only.
+    """
     tome_ratio: _builtins.float
     """ToMe ratio inside the edge UNet, 0..0.75."""
     policy: _builtins.str
     """Name of the policy that produced the plan."""
     @_builtins.property
     def split(self) -> Global___SplitPoint: ...
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Recipe-specific settings by name, e.g. "sr_scale" and "foreground_fraction" (Hybrid
+        SR) or "strength" (preview-refine). Each recipe documents and checks its own names;
+        an unknown name is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -343,10 +376,11 @@ class Plan(_message.Message):
         codec_chain: _builtins.str = ...,
         tome_ratio: _builtins.float = ...,
         policy: _builtins.str = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["split", b"split"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_chain", b"codec_chain", "merge_ratio", b"merge_ratio", "policy", b"policy", "split", b"split", "steps", b"steps", "tome_ratio", b"tome_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_chain", b"codec_chain", "merge_ratio", b"merge_ratio", "params", b"params", "policy", b"policy", "split", b"split", "steps", b"steps", "tome_ratio", b"tome_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,6 +1,7 @@
-"""Conversions between wire messages (`meg.v1`) and the domain types of the other parts.
+"""Conversions between wire messages (`meg.v1`) and the domain types below the services.
 
-Servicers stay thin: decode with these functions, call the domain, encode the answer.
+Servicers and recipes stay thin: decode with these functions, call the domain, encode the
+answer. Plans and split points convert in `meg.recipes.plan`; reports in `meg.recipes.report`.
 Zero in an optional numeric proto field means "not set" (proto3 scalars have no
 presence); the defaults then come from the domain's own dataclasses.
 """
@@ -11,9 +12,8 @@ import dataclasses
 from typing import Any
 
 from meg.channel.link import LinkConfig
-from meg.errors import InvalidInputError, SplitError
+from meg.errors import InvalidInputError
 from meg.split.engine import GenerationInputs
-from meg.split.points import SplitPoint
 from meg.v1 import generation_pb2 as gen_pb
 
 __all__ = [
@@ -21,20 +21,7 @@ __all__ = [
     "channel_to_dict",
     "inputs_from_request",
     "link_config_from_channel",
-    "make_plan",
-    "plan_to_dict",
-    "split_from_proto",
-    "split_to_proto",
 ]
-
-_KIND_TO_PROTO: dict[str, Any] = {
-    "device": gen_pb.SPLIT_KIND_DEVICE,
-    "step": gen_pb.SPLIT_KIND_STEP,
-    "decoder": gen_pb.SPLIT_KIND_DECODER,
-    "image": gen_pb.SPLIT_KIND_IMAGE,
-    "unet": gen_pb.SPLIT_KIND_UNET,
-}
-_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
 
 _MODE_FROM_PROTO = {
     gen_pb.TRANSPORT_MODE_UNSPECIFIED: "ideal",
@@ -58,42 +45,6 @@ _FADING_TO_PROTO = {
     "rayleigh": gen_pb.FADING_MODEL_RAYLEIGH,
     "rician": gen_pb.FADING_MODEL_RICIAN,
 }
-
-
-def split_from_proto(split: gen_pb.SplitPoint, *, field: str = "plan.split") -> SplitPoint:
-    """Domain split point of a wire `SplitPoint`; an unknown kind raises `SplitError`."""
-    kind = _KIND_FROM_PROTO.get(split.kind)
-    if kind is None:
-        raise SplitError(f"split kind {split.kind} is not a known SplitKind", field=f"{field}.kind")
-    if kind in ("step", "unet"):
-        return SplitPoint.parse(f"{kind}:{split.index}")
-    return SplitPoint.parse(kind)
-
-
-def split_to_proto(split: SplitPoint) -> gen_pb.SplitPoint:
-    """Wire `SplitPoint` of a domain split point."""
-    return gen_pb.SplitPoint(kind=_KIND_TO_PROTO[split.kind], index=split.index)
-
-
-def make_plan(
-    split: str | SplitPoint,
-    *,
-    steps: int,
-    merge_ratio: float = 0.0,
-    codec_chain: str = "none",
-    tome_ratio: float = 0.0,
-    policy: str = "override",
-) -> gen_pb.Plan:
-    """A wire `Plan` from plain values, e.g. `make_plan("step:1", steps=2)`."""
-    point = split if isinstance(split, SplitPoint) else SplitPoint.parse(split)
-    return gen_pb.Plan(
-        split=split_to_proto(point),
-        steps=steps,
-        merge_ratio=merge_ratio,
-        codec_chain=codec_chain,
-        tome_ratio=tome_ratio,
-        policy=policy,
-    )
 
 
 def link_config_from_channel(channel: gen_pb.ChannelState, base: LinkConfig | None = None) -> LinkConfig:
@@ -135,18 +86,6 @@ def channel_from_link_config(link: LinkConfig, *, distance_m: float = 0.0) -> ge
     )
 
 
-def plan_to_dict(plan: gen_pb.Plan) -> dict[str, Any]:
-    """JSON-ready plan for the report."""
-    return {
-        "split": str(split_from_proto(plan.split)) if plan.HasField("split") else None,
-        "steps": int(plan.steps),
-        "merge_ratio": float(plan.merge_ratio),
-        "codec_chain": plan.codec_chain,
-        "tome_ratio": float(plan.tome_ratio),
-        "policy": plan.policy,
-    }
-
-
 def channel_to_dict(channel: gen_pb.ChannelState) -> dict[str, Any]:
     """JSON-ready channel state for the report."""
     return {
@@ -161,9 +100,14 @@ def channel_to_dict(channel: gen_pb.ChannelState) -> dict[str, Any]:
     }
 
 
-def inputs_from_request(request: gen_pb.GenerationRequest, steps: int) -> GenerationInputs:
-    """Generation inputs of a request; fields left at zero keep `GenerationInputs`'s defaults."""
+def inputs_from_request(request: gen_pb.GenerationRequest, steps: int, *,
+                        default_size_px: int | None = None) -> GenerationInputs:
+    """Generation inputs of a request; width/height 0 take ``default_size_px`` (the model's
+    native size, `SplitEngine.native_size_px`), other fields left at zero keep
+    `GenerationInputs`'s defaults."""
     optional: dict[str, Any] = {}
+    if default_size_px:
+        optional["width"] = optional["height"] = int(default_size_px)
     if request.width:
         optional["width"] = int(request.width)
     if request.height:
