@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from meg.models.registry import MODELS_ROOT
+from meg.models.sr_cli import sr_diffusion, sr_light
 from meg.models.training import DECODER_LOSSES
 
 __all__ = ["eval_group", "train"]
@@ -388,3 +389,7 @@ def estimate(model_dir: Path, steps: int, threads: int) -> None:
     from meg.models.cards import write_cards
 
     write_cards(model_dir)
+
+
+train.add_command(sr_light)
+train.add_command(sr_diffusion)

@@ -257,8 +257,12 @@ def shape_masks(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Te
     return torch.stack([shape_mask(k, dx, dy, r) for k in range(len(SHAPES))])
 
 
-def _texture_mix(kind: str, scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.Tensor) -> torch.Tensor:
-    """Texture `kind`'s mixing weight in [0, 1] between the two background tones, [N,H,W]."""
+def _texture_mix(kind: str, scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.Tensor, checker_scale: float) -> torch.Tensor:
+    """Texture `kind`'s mixing weight in [0, 1] between the two background tones, [N,H,W].
+
+    grid_y, grid_x are in units of the 128-px frame; `checker_scale` is the checker
+    frequency factor (the supersampling factor, as the training renders at 128 px had it,
+    so a render at any size shows the same checkers)."""
     if kind == "solid":
         return torch.zeros_like(grid_x)
     device = grid_x.device
@@ -271,8 +275,7 @@ def _texture_mix(kind: str, scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.
         ) * w[:, :, 3, None, None]
         return _normalise(waves.sum(dim=1))
     if kind == "checkers":
-        size = float(grid_x.shape[-1])
-        cx, cy = torch.floor(grid_x * (size / IMAGE_SIZE) / period * 2), torch.floor(grid_y * (size / IMAGE_SIZE) / period * 2)
+        cx, cy = torch.floor(grid_x * checker_scale / period * 2), torch.floor(grid_y * checker_scale / period * 2)
         return torch.remainder(cx + cy, 2.0)
     u = grid_x * torch.cos(angle) + grid_y * torch.sin(angle)  # [N,H,W]
     if kind == "gradient":
@@ -285,7 +288,7 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo)
 
 
-def _background(scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.Tensor) -> torch.Tensor:
+def _background(scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.Tensor, checker_scale: float) -> torch.Tensor:
     device = grid_x.device
     base = torch.tensor(list(BACKGROUND_COLOURS.values()), device=device)[scenes.bg_colour.to(device)]  # [N,3]
     # The second tone is lighter on dark colours and darker on light ones.
@@ -297,26 +300,35 @@ def _background(scenes: Scenes, grid_y: torch.Tensor, grid_x: torch.Tensor) -> t
     for k, kind in enumerate(TEXTURES):
         rows = (scenes.texture == k).nonzero().flatten()
         if len(rows) and kind != "solid":
-            mix[rows.to(device)] = _texture_mix(kind, scenes.select(rows), grid_y[: len(rows)], grid_x[: len(rows)])
+            mix[rows.to(device)] = _texture_mix(kind, scenes.select(rows), grid_y[: len(rows)], grid_x[: len(rows)], checker_scale)
     return base[:, :, None, None] * (1 - mix[:, None]) + other[:, :, None, None] * mix[:, None]
 
 
-def render(scenes: Scenes, *, device: torch.device | str = "cpu", supersample: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def render(
+    scenes: Scenes, *, device: torch.device | str = "cpu", supersample: int = 2, size: int = IMAGE_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Render scenes.
+
+    Scene geometry is in units of the 128-px frame, so `size` renders the same scenes at
+    any resolution (objects, textures and anti-aliasing scale with it): the ground truth
+    of super-resolution at size 128·S.
 
     Args:
         scenes: N scenes.
         device: where to compute.
         supersample: anti-aliasing factor (1 = hard edges).
+        size: image side in pixels (≥ 8).
     Returns:
-        images: [N, 3, 128, 128] float32 in [0, 1].
-        masks: [N, 3, 128, 128] bool, one per object slot (empty slots are all False).
+        images: [N, 3, size, size] float32 in [0, 1].
+        masks: [N, 3, size, size] bool, one per object slot (empty slots are all False).
     """
-    n, s = len(scenes), IMAGE_SIZE * supersample
-    coords = (torch.arange(s, device=device, dtype=torch.float32) + 0.5) / supersample
+    if size < 8:
+        raise InvalidInputError(f"render size must be >= 8 px, got {size}")
+    n, s = len(scenes), size * supersample
+    coords = (torch.arange(s, device=device, dtype=torch.float32) + 0.5) / (supersample * size / IMAGE_SIZE)
     grid_y, grid_x = torch.meshgrid(coords, coords, indexing="ij")
     grid_y, grid_x = grid_y.expand(n, s, s), grid_x.expand(n, s, s)
-    image = _background(scenes, grid_y, grid_x)
+    image = _background(scenes, grid_y, grid_x, checker_scale=float(supersample))
     palette = torch.tensor(list(OBJECT_COLOURS.values()), device=device)
     coverage = []
     for j in range(MAX_OBJECTS):
