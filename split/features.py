@@ -38,6 +38,7 @@ from meg.errors import InvalidInputError
 __all__ = [
     "SentFeature",
     "chain_for_tensor",
+    "merge_noise_unmerge",
     "noise_sigma_link",
     "receive_feature",
     "send_feature",
@@ -133,3 +134,26 @@ def noise_sigma_link(sigma: float, *, generator: torch.Generator) -> LinkEmulato
         return None
     config = LinkConfig(mode="analog", snr_db=-20.0 * math.log10(sigma), fading="awgn")
     return LinkEmulator(config, generator=generator)
+
+
+def merge_noise_unmerge(latents: Tensor, ratio: float, sigmas: Tensor, *, generator: torch.Generator) -> Tensor:
+    """The feature path on a batch, one sample at a time: ``latents[b]`` merged at ``ratio``,
+    through the analog link at noise σ = ``sigmas[b]`` (relative to the merged tokens' RMS),
+    unmerged. What the merge-aware decoder trains on and is measured on.
+
+    Args:
+        latents: ``[B, C, h, w]`` latents (any device; the path runs on the CPU).
+        ratio: merge ratio, 0 ≤ ratio ≤ 0.75.
+        sigmas: ``[B]`` noise σ per sample (0: no noise).
+        generator: draws each sample's merge and channel seeds.
+    Returns:
+        ``[B, C, h, w]`` on the latents' device and dtype.
+    """
+    out = []
+    for b in range(latents.shape[0]):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        link = noise_sigma_link(float(sigmas[b]), generator=torch.Generator().manual_seed(seed + 1))
+        received = through_link(latents[b : b + 1].detach().float().cpu(), f"merge:{ratio:g}", link, seed=seed)
+        assert isinstance(received, Tensor)
+        out.append(received)
+    return torch.cat(out).to(latents.device, latents.dtype)

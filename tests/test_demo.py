@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jsonschema
 from click.testing import CliRunner
 from PIL import Image
 
 from meg.cli import cli
+from meg.recipes.report import GenerationReport
 
 
 def test_demo_writes_image_and_report(tmp_path: Path) -> None:
@@ -25,6 +27,11 @@ def test_demo_writes_image_and_report(tmp_path: Path) -> None:
     with Image.open(out / "image.png") as image:
         assert image.size == (report["width"], report["height"])
     assert "MSE vs reference" in result.output
+    assert "torchvision" not in result.output and "accelerate" not in result.output  # no third-party notices
+    # the one report schema (docs/report.schema.json), and the typed report reads it back
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    assert GenerationReport.from_dict(report).to_dict() == report
 
 
 def test_bench_e2e_rows(tmp_path: Path) -> None:

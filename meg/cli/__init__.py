@@ -33,7 +33,7 @@ from typing import Any
 
 import click
 
-__all__ = ["EXIT_CODES", "LazyGroup", "exit_code_for", "main"]
+__all__ = ["EXIT_CODES", "LazyGroup", "exit_code_for", "main", "quiet_third_party"]
 
 # name -> ("module:attribute", one-line help shown by `meg --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -124,12 +124,18 @@ def cli() -> None:
     Start with `meg demo` (edge server, policy service and device client on loopback,
     one generated image and its report). Every command has --help.
     """
+    quiet_third_party()
+
+
+def quiet_third_party() -> None:
+    """Silence third-party notices (transformers' optional torchvision backends, diffusers'
+    missing `accelerate`): they say nothing about the user's command. Errors still show."""
+    for name in ("transformers", "diffusers"):
+        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
+        if name in sys.modules:  # already imported: its logger read the variable before
+            importlib.import_module(f"{name}.utils.logging").set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    # Third-party notices (transformers' optional torchvision backends, diffusers' missing
-    # `accelerate`) say nothing about the user's command; their own warnings and errors stay.
-    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        os.environ.setdefault(variable, "error")
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="meg")

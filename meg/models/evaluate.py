@@ -153,7 +153,7 @@ def decoder_mse(name: str, *, ratio: float = 0.5, sigma: float = 0.1, n: int = 1
     from diffusers import AutoencoderKL
 
     from meg.models import registry
-    from meg.models.stages import merge_noise_unmerge
+    from meg.split.features import merge_noise_unmerge
 
     folder = registry.model_dir(name)
     stock = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device)
@@ -163,7 +163,7 @@ def decoder_mse(name: str, *, ratio: float = 0.5, sigma: float = 0.1, n: int = 1
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         reference = ((stock.decode(z / sf).sample.clamp(-1, 1) + 1) / 2)
-        noisy = merge_noise_unmerge(z, ratio, torch.full((len(z),), sigma), gen)
+        noisy = merge_noise_unmerge(z, ratio, torch.full((len(z),), sigma), generator=gen)
         out = {}
         for label, vae in (("stock", stock), ("merge_aware", merged)):
             image = (vae.decode(noisy / sf).sample.clamp(-1, 1) + 1) / 2

@@ -597,21 +597,13 @@ def stage_small(session: Session) -> None:
     _save(small, session.model_dir / "small_unet")
 
 
-def merge_noise_unmerge(latent: torch.Tensor, ratio: float, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """latent [B,4,h,w] → merge at `ratio` → tokens + σ·N(0,1) (σ: [B]) → unmerge, same shape."""
-    from meg.codecs.merge import merge_latent, unmerge_latent
-
-    # meg.codecs.merge computes on the CPU (its plans are CPU tensors); the latent is small.
-    merged = merge_latent(latent.detach().float().cpu(), ratio, generator=gen)
-    noise = torch.randn(merged.tokens.shape, generator=gen)
-    tokens = merged.tokens + sigma.float().cpu()[:, None, None] * noise
-    return unmerge_latent(tokens, merged.gather_index, merged.latent_shape, merged.grouping).to(latent.device, latent.dtype)
-
-
 def _train_decoder(session: Session, stage: str, vae: Any, pool: torch.Tensor, *, steps: int, batch: int, crop: int, lr: float, loss: str) -> None:
-    """Fine-tune vae's decoder on `pool` latents passed through merge + noise + unmerge
-    (ratio U(0, decoder_max_ratio), σ U(decoder_sigma)); target: the stock decoder's image of
-    the clean latent. Writes model_dir/vae_merge."""
+    """Fine-tune vae's decoder on `pool` latents passed through the served feature path
+    (`meg.split.features.merge_noise_unmerge`: merge at ratio U(0, decoder_max_ratio), the
+    analog link at σ U(decoder_sigma), unmerge); target: the stock decoder's image of the
+    clean latent. Writes model_dir/vae_merge."""
+    from meg.split.features import merge_noise_unmerge
+
     cfg = session.train
     stock = _load_vae(session)
     vae.encoder.requires_grad_(False)
@@ -627,7 +619,7 @@ def _train_decoder(session: Session, stage: str, vae: Any, pool: torch.Tensor, *
         ratio = float(torch.rand((), generator=gen)) * cfg.decoder_max_ratio
         with torch.no_grad():
             # merge + noise + unmerge act on the whole latent; the decoders see the same crop of both
-            noisy = merge_noise_unmerge(z, ratio, sigma, gen)
+            noisy = merge_noise_unmerge(z, ratio, sigma, generator=gen)
             both, _ = _random_crops(torch.cat([z, noisy], dim=1), crop // 8, gen)
             z, noisy = both[:, :4], both[:, 4:]
             target = (stock.decode(z / sf).sample.clamp(-1, 1) + 1) / 2

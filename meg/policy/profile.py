@@ -1,11 +1,10 @@
 """Measure the distortion table: run the real split pipeline over a plan × channel grid.
 
 For every prompt, the reference is the unsplit `reference_steps`-step image. For every
-(split, steps) the edge part runs once; for the "decoder" split the final latent is then
-merged (`meg.codecs.merge.merge_latent`) at every merge ratio, sent through the analog
-feature link (`meg.channel.link.LinkEmulator`, AWGN at feature SNR = −20·log10 σ, i.e.
-noise of relative std σ on the power-normalised tokens) at every σ, unmerged and decoded
-on the device side; the "image" split sends the 8-bit image; the "device" split runs
+(split, steps) the edge part runs once; for the "decoder" split the final latent then takes
+the served feature path (`meg.split.features`: merge at every ratio, the analog link on the
+merged tokens at every σ — AWGN at feature SNR = −20·log10 σ, i.e. noise of relative std σ
+on the power-normalised tokens), and the device unmerges and decodes it; the "image" split sends the 8-bit image; the "device" split runs
 everything on the device. Each point records the mean and std of the MSE over prompts.
 The table also records FLOPs per partition of the profiled model and the FLOPs of the
 cost architecture (`meg.policy.flops`) that the environment's cost model uses.
@@ -13,7 +12,6 @@ cost architecture (`meg.policy.flops`) that the environment's cost model uses.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,9 +74,8 @@ def _quantise_8bit(image: torch.Tensor) -> torch.Tensor:
 def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
                        on_progress: Callable[[int, int], None] | None = None) -> DistortionTable:
     """Run the grid and return the measured table (see module docstring)."""
-    from meg.channel.link import LinkConfig, LinkEmulator
-    from meg.codecs.merge import MergedLatent, merge_latent
     from meg.split import GenerationInputs, SplitEngine, SplitPoint, load_pipeline
+    from meg.split.features import noise_sigma_link, through_link
 
     if config.reference_steps < max(config.steps):
         raise InvalidInputError(
@@ -127,18 +124,13 @@ def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
                         continue
                     latents = crossing["latents"]
                     for m, ratio in enumerate(merge_axis):
-                        g = torch.Generator().manual_seed(config.seed * 7919 + i * 101 + steps * 13 + m)
-                        merged = merge_latent(latents, ratio, generator=g)
+                        merge_seed = config.seed * 7919 + i * 101 + steps * 13 + m
                         for k, sigma in enumerate(sigma_axis):
-                            tokens = merged.tokens
-                            if sigma > 0 and split_name in NOISY_SPLITS:
-                                link = LinkEmulator(
-                                    LinkConfig(mode="analog", snr_db=-20.0 * math.log10(sigma), fading="awgn"),
-                                    generator=torch.Generator().manual_seed(g.initial_seed() * 31 + k))
-                                tokens, _ = link.send_analog(tokens)
-                            noisy = MergedLatent(tokens=tokens, gather_index=merged.gather_index,
-                                                 latent_shape=merged.latent_shape, grouping=merged.grouping)
-                            image = engine.run_device({**crossing, "latents": noisy}, inputs, split)
+                            # the served feature path: merge -> analog link on the merged tokens -> device
+                            link = (noise_sigma_link(sigma, generator=torch.Generator().manual_seed(merge_seed * 31 + k))
+                                    if split_name in NOISY_SPLITS else None)
+                            received = through_link(latents, f"merge:{ratio:g}", link, seed=merge_seed, keep_merged=True)
+                            image = engine.run_device({**crossing, "latents": received}, inputs, split)
                             record((split_name, steps, float(ratio), float(sigma)), image, reference)
 
     points = []

@@ -99,9 +99,6 @@ def validate_request(request: gen_pb.GenerationRequest, limits: ServiceLimits) -
     _finite(channel.rate_bps, "channel.rate_bps", low=0.0, high=1e13)
     _finite(channel.rician_k, "channel.rician_k", low=0.0, high=1e6)
     _finite(channel.tx_power_dbm, "channel.tx_power_dbm", low=-100.0, high=100.0)
-    if request.recipe not in (gen_pb.RECIPE_UNSPECIFIED, gen_pb.RECIPE_MEG):
-        name = gen_pb.Recipe.Name(request.recipe) if request.recipe in gen_pb.Recipe.values() else str(request.recipe)
-        raise InvalidInputError(f"recipe {name} is not served by this edge (only RECIPE_MEG)", field="recipe")
     if request.HasField("plan_override"):
         validate_plan(request.plan_override, limits, field="plan_override")
 
