@@ -189,7 +189,8 @@ def test_teacher_continue_trains_the_teacher_only_and_keeps_the_recipe(trained: 
     teacher = load_file(model / "teacher_unet" / "diffusion_pytorch_model.safetensors")
     text = load_file(model / "text_encoder" / "model.safetensors")
     args = ["train", "teacher-continue", "--model-dir", str(model), "--work-dir", str(tmp_path / "work"), "--device", "cpu",
-            "--steps", "3", "--batch", "2", "--scenes", "5", "--min-snr", "5"]  # fmt: skip
+            "--steps", "3", "--batch", "2", "--scenes", "5", "--min-snr", "5", "--captions", "augmented", "--captions-per-scene", "2",
+            "--object-weight", "2"]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     after = load_file(model / "teacher_unet" / "diffusion_pytorch_model.safetensors")
@@ -200,9 +201,39 @@ def test_teacher_continue_trains_the_teacher_only_and_keeps_the_recipe(trained: 
     assert recorded["train"] == before_json["train"] and recorded["teacher"] == before_json["teacher"]
     cont = recorded["teacher_continue"]
     assert cont["steps"] == 3 and cont["scenes"] == 5 and cont["min_snr"] == 5.0
+    assert (cont["captions"], cont["captions_per_scene"], cont["object_weight"]) == ("augmented", 2, 2.0)
     write_cards(model)
     card = (model / "README.md").read_text()
     assert card.index("- teacher:") < card.index("- teacher_continue: 3 steps") < card.index("- distill:")
     pipe = registry.load_pipeline(str(model), unet="teacher", merge_decoder=False)
     image = pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, output_type="pt", height=128, width=128).images
     assert torch.isfinite(image).all()
+
+
+def test_distill_continue_trains_both_students_from_the_teacher_and_keeps_the_recipe(trained: Session, tmp_path: Path) -> None:
+    import shutil
+
+    from meg.cli import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(trained.model_dir, model)
+    before_json = json.loads((model / "training.json").read_text())
+    names = {f: f"{f}/diffusion_pytorch_model.safetensors" for f in ("unet", "small_unet", "teacher_unet")}
+    before = {f: load_file(model / p) for f, p in names.items()}
+    args = ["train", "distill-continue", "--model-dir", str(model), "--work-dir", str(tmp_path / "work"), "--device", "cpu",
+            "--steps", "2", "--batch", "2", "--trajectories", "3"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    after = {f: load_file(model / p) for f, p in names.items()}
+    for folder in ("unet", "small_unet"):
+        assert any(not torch.equal(before[folder][k], after[folder][k]) for k in before[folder]), folder
+    assert all(torch.equal(before["teacher_unet"][k], after["teacher_unet"][k]) for k in before["teacher_unet"])
+    recorded = json.loads((model / "training.json").read_text())
+    assert recorded["train"] == before_json["train"] and recorded["distill"] == before_json["distill"]
+    assert recorded["distill_continue"]["trajectories"] == 3 and recorded["small_continue"]["steps"] == 2
+    assert recorded["trajectories_continue"]["n"] == 3
+    write_cards(model)
+    card = (model / "README.md").read_text()
+    assert card.index("- distill:") < card.index("- distill_continue: 2 steps") < card.index("- small:") < card.index("- small_continue:")
+    bad = CliRunner().invoke(cli, [*args[:-2], "--targets", "vae"])
+    assert bad.exit_code != 0 and "targets must be among" in bad.output

@@ -32,6 +32,7 @@ __all__ = [
     "caption_scene",
     "normalize_prompt",
     "parse_prompt",
+    "prompt_words",
     "unknown_words",
 ]
 
@@ -134,6 +135,12 @@ class PromptSpec:
 
 def _tokens(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower())
+
+
+def prompt_words(text: str) -> list[str]:
+    """The words of `text` as the tokenizer splits them (runs of letters, single other
+    characters); the text encoder reads at most `FamilyConfig.max_tokens` - 2 of them."""
+    return _tokens(text)
 
 
 def unknown_words(text: str) -> list[str]:

@@ -9,7 +9,12 @@ from typing import Any
 
 import torch
 
-from meg.models.evaluate import decoder_mse, evaluate_fidelity, ground_truth_fidelity, read_prompts
+from meg.models.evaluate import (
+    decoder_mse,
+    evaluate_fidelity,
+    ground_truth_fidelity,
+    read_prompt_set,
+)
 
 __all__ = ["evaluate_family", "save_grid", "write_cards"]
 
@@ -41,21 +46,24 @@ def evaluate_family(model_dir: Path, *, device: str = "cpu", n_prompts: int = 20
     name = str(model_dir)
     training = json.loads((model_dir / "training.json").read_text())
     fam = training["family"]
-    sets = {k: read_prompts(model_dir / "prompts" / f"{k}.txt")[:n_prompts] for k in ("heldout", "indist")}
+    sets = {k: read_prompt_set(model_dir / "prompts" / f"{k}.txt") for k in ("heldout", "indist")}
+    if (model_dir / "prompts" / "independent.jsonl").exists():
+        sets["independent"] = read_prompt_set(model_dir / "prompts" / "independent.jsonl")
+    sets = {k: (texts[:n_prompts], specs[:n_prompts]) for k, (texts, specs) in sets.items()}
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32)
     results: dict[str, Any] = {
-        "judge_on_renders": {k: ground_truth_fidelity(v, seed=seed).to_dict() for k, v in sets.items()},
-        "judge_on_vae_reconstructions": {k: ground_truth_fidelity(v, seed=seed, vae=vae).to_dict() for k, v in sets.items()},
+        "judge_on_renders": {k: ground_truth_fidelity(t, seed=seed, specs=s).to_dict() for k, (t, s) in sets.items()},
+        "judge_on_vae_reconstructions": {k: ground_truth_fidelity(t, seed=seed, vae=vae, specs=s).to_dict() for k, (t, s) in sets.items()},
     }
     runs = [("teacher", int(fam["teacher_steps"]))] + [("student", n) for n in (1, 2, 4, 8)] + [("small", 4)]
     fidelity: dict = {}
     grids: dict = {}
     for unet, steps in runs:
-        for set_name, prompts in sets.items():
+        for set_name, (prompts, specs) in sets.items():
             t0 = time.perf_counter()
-            r: dict[str, Any] = evaluate_fidelity(name, prompts, steps=steps, unet=unet, seed=seed, device=device)
+            r: dict[str, Any] = evaluate_fidelity(name, prompts, steps=steps, unet=unet, seed=seed, device=device, specs=specs)
             images = r.pop("_images")
             r["wall_s"] = round(time.perf_counter() - t0, 2)
             fidelity[f"{unet}/{steps}/{set_name}"] = r
@@ -66,7 +74,7 @@ def evaluate_family(model_dir: Path, *, device: str = "cpu", n_prompts: int = 20
         results["decoder"] = decoder_mse(name, ratio=0.5, sigma=0.1, n=min(128, n_prompts), seed=seed, device=device)
     (model_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
     for key, images in grids.items():
-        save_grid(images, sets["heldout"][:16], model_dir / f"samples-{key}.png")
+        save_grid(images, sets["heldout"][0][:16], model_dir / f"samples-{key}.png")
     return results
 
 
@@ -86,7 +94,11 @@ def _stage_line(training: dict, stage: str) -> str:
                  f"lr {e.get('lr')}, {e.get('loss')} loss, {e.get('pool')} latents)")  # fmt: skip
     elif stage == "teacher_continue":
         line += (f" (continued from `teacher` by `meg train teacher-continue`: batch {e.get('batch')}, lr {e.get('lr')}, "
-                 f"min-SNR {e.get('min_snr')}, {e.get('scenes')} fresh scenes, text encoder frozen)")  # fmt: skip
+                 f"min-SNR {e.get('min_snr')}, {e.get('scenes')} fresh scenes, {e.get('captions', 'templates')} captions"
+                 f" ×{e.get('captions_per_scene', 4)}, object loss weight {e.get('object_weight', 0.0)}, text encoder frozen)")  # fmt: skip
+    elif stage in ("distill_continue", "small_continue"):
+        line += (f" (continued from `{stage.removesuffix('_continue')}` by `meg train distill-continue` on the current teacher: "
+                 f"batch {e.get('batch')}, lr {e.get('lr')}, {e.get('trajectories')} fresh trajectories of {e.get('captions')} captions)")  # fmt: skip
     return line
 
 
@@ -130,12 +142,25 @@ def write_cards(model_dir: Path) -> None:
         f"{data.get('captions', '—')} paraphrased captions over a {data.get('vocabulary', '—')}-token vocabulary; "
         "colour–shape pairs in `meg.models.world.HELDOUT_PAIRS` never occur in training."
     )
+    def exact(key: str) -> str:
+        r = fid.get(key)
+        return f"{r['exact']:.2f}" if r else "—"
+
     quality_rows = [
-        "| UNet | steps | held-out prompts | in-distribution prompts |",
-        "|---|---|---|---|",
+        "| UNet | steps | held-out prompts | in-distribution prompts | independent writer's prompts | all attributes right (held-out / independent) |",
+        "|---|---|---|---|---|---|",
     ]
     for unet, steps in [("teacher", fam["teacher_steps"]), ("student", 1), ("student", 2), ("student", 4), ("student", 8), ("small", 4)]:
-        quality_rows.append(f"| {unet} | {steps} | {f(f'{unet}/{steps}/heldout')} | {f(f'{unet}/{steps}/indist')} |")
+        quality_rows.append(f"| {unet} | {steps} | {f(f'{unet}/{steps}/heldout')} | {f(f'{unet}/{steps}/indist')} | "
+                            f"{f(f'{unet}/{steps}/independent')} | {exact(f'{unet}/{steps}/heldout')} / {exact(f'{unet}/{steps}/independent')} |")  # fmt: skip
+    teacher_key = f"teacher/{fam['teacher_steps']}"
+    attribute_rows = ["| UNet | steps | set | colour | shape | size | position |", "|---|---|---|---|---|---|---|"]
+    for key in (f"{teacher_key}/heldout", f"{teacher_key}/independent", "student/4/heldout", "student/4/independent",
+                "student/1/heldout", "student/1/independent"):  # fmt: skip
+        if key in fid:
+            acc = fid[key]["attribute_accuracy"]
+            unet, steps, set_name = key.split("/")
+            attribute_rows.append(f"| {unet} | {steps} | {set_name} | " + " | ".join(f"{acc.get(a, float('nan')):.3f}" for a in ("colour", "shape", "size", "position")) + " |")
     gt = evaluation.get("judge_on_renders", {})
     rec = evaluation.get("judge_on_vae_reconstructions", {})
     dec = evaluation.get("decoder", {})
@@ -165,12 +190,20 @@ def write_cards(model_dir: Path) -> None:
         "",
         *quality_rows,
         "",
+        "The independent writer's prompts (`prompts/independent.jsonl`, `meg eval write-prompts --seed 4242`) are phrased by "
+        "`meg.models.prompt_writer`, whose constructions no training caption uses; they carry their ground truth, which the judge "
+        "scores against. Accuracy per requested attribute:",
+        "",
+        *attribute_rows,
+        "",
         *_tuned_lines(training),
         f"Judge on ground-truth renders: held-out {gt.get('heldout', {}).get('fidelity', float('nan')):.3f}, "
-        f"in-distribution {gt.get('indist', {}).get('fidelity', float('nan')):.3f}"
+        f"in-distribution {gt.get('indist', {}).get('fidelity', float('nan')):.3f}, "
+        f"independent {gt.get('independent', {}).get('fidelity', float('nan')):.3f}"
         + (f"; on the same renders passed through the VAE (the ceiling of any latent model with this autoencoder): "
            f"held-out {rec.get('heldout', {}).get('fidelity', float('nan')):.3f}, "
-           f"in-distribution {rec.get('indist', {}).get('fidelity', float('nan')):.3f}." if rec else "."),
+           f"in-distribution {rec.get('indist', {}).get('fidelity', float('nan')):.3f}, "
+           f"independent {rec.get('independent', {}).get('fidelity', float('nan')):.3f}." if rec else "."),
         "",
     ]
     if dec:

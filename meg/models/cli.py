@@ -12,7 +12,7 @@ import click
 
 from meg.models.registry import MODELS_ROOT
 from meg.models.sr_cli import sr_diffusion, sr_light
-from meg.models.training import DECODER_LOSSES
+from meg.models.training import CAPTION_STYLES, DECODER_LOSSES
 
 __all__ = ["eval_group", "train"]
 
@@ -146,7 +146,14 @@ def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
 @_continue_options
 @click.option("--min-snr", type=float, default=0.0, show_default=True, help="Min-SNR-γ loss weighting (0: off).")
 @click.option("--scenes", type=int, default=16_384, show_default=True, help="Fresh training-distribution scenes to train on.")
-def teacher_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, lr: float, min_snr: float, scenes: int) -> None:
+@click.option("--captions", type=click.Choice(CAPTION_STYLES), default="templates", show_default=True,
+              help="templates: the recipe's caption templates; augmented: many more phrasings (meg.models.paraphrase).")  # fmt: skip
+@click.option("--captions-per-scene", type=int, default=None, help="Captions drawn per scene (default: the recipe's).")
+@click.option("--object-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Extra loss weight of latent pixels covered by objects (0: plain loss).")  # fmt: skip
+@click.option("--scene-seed", type=int, default=505, show_default=True, help="Seed offset of the fresh scenes and their captions.")
+def teacher_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, lr: float, min_snr: float, scenes: int,
+                     captions: str, captions_per_scene: int | None, object_weight: float, scene_seed: int) -> None:  # fmt: skip
     """Continue training the family's teacher UNet (text encoder frozen) on a CPU-sized budget.
 
     Keeps the family's recipe in training.json and records the continuation under
@@ -155,8 +162,34 @@ def teacher_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
     from meg.models.stages import continue_teacher
 
     session = _recorded_session(work_dir, model_dir, device, threads)
-    elapsed = continue_teacher(session, steps=steps, batch=batch, lr=lr, min_snr=min_snr, scenes=scenes)
+    elapsed = continue_teacher(session, steps=steps, batch=batch, lr=lr, min_snr=min_snr, scenes=scenes, captions=captions,
+                               captions_per_scene=captions_per_scene, object_weight=object_weight, scene_seed=scene_seed)  # fmt: skip
     click.echo(f"teacher-continue: {elapsed:.1f} s on {session.device}; wrote {model_dir / 'teacher_unet'}")
+
+
+@train.command(name="distill-continue")
+@_continue_options
+@click.option("--targets", default="unet,small_unet", show_default=True, help="Comma-separated students: unet, small_unet.")
+@click.option("--trajectories", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Fresh teacher trajectories (one per fresh scene's caption), shared by the targets.")  # fmt: skip
+@click.option("--captions", type=click.Choice(CAPTION_STYLES), default="augmented", show_default=True)
+@click.option("--scene-seed", type=int, default=707, show_default=True, help="Seed offset of the fresh scenes and their captions.")
+def distill_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, lr: float, targets: str,
+                     trajectories: int, captions: str, scene_seed: int) -> None:  # fmt: skip
+    """Continue distilling the family's students from its current teacher on a CPU-sized budget.
+
+    Each target continues from its shipped weights on fresh teacher trajectories; recorded
+    under "distill_continue" / "small_continue"; measure with `meg eval fidelity`.
+    """
+    from meg.models.stages import DISTILL_TARGETS, continue_distill
+
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    if not names or any(t not in DISTILL_TARGETS for t in names):
+        raise click.BadParameter(f"targets must be among {', '.join(DISTILL_TARGETS)}, got {targets!r}", param_hint="--targets")
+    session = _recorded_session(work_dir, model_dir, device, threads)
+    elapsed = continue_distill(session, targets=names, steps=steps, batch=batch, lr=lr, trajectories=trajectories, captions=captions,
+                               scene_seed=scene_seed)  # fmt: skip
+    click.echo(f"distill-continue: {elapsed:.1f} s on {session.device}; wrote {', '.join(str(model_dir / t) for t in names)}")
 
 
 @train.command(name="all")
@@ -204,7 +237,8 @@ def eval_group() -> None:
 
 @eval_group.command()
 @click.option("--model", default="meg-tiny", show_default=True)
-@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True, help="One prompt per line.")
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True,
+              help="One prompt per line, or a .jsonl set with each prompt's ground truth (meg eval write-prompts).")  # fmt: skip
 @click.option("--steps", type=int, default=4, show_default=True)
 @click.option("--unet", type=click.Choice(["student", "teacher"]), default="student", show_default=True)
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the one the UNet was trained for).")
@@ -219,13 +253,14 @@ def fidelity(model: str, prompts_path: Path, steps: int, unet: str, guidance: fl
     from rich.table import Table
 
     from meg.models.captions import unknown_words
-    from meg.models.evaluate import evaluate_fidelity, read_prompts
+    from meg.models.evaluate import evaluate_fidelity, read_prompt_set
 
-    prompts = read_prompts(prompts_path)
+    prompts, specs = read_prompt_set(prompts_path)
     for p in prompts:
         if unknown := unknown_words(p):
             click.echo(f"warning: words outside the model's vocabulary in {p!r}: {', '.join(unknown)}", err=True)
-    result: dict[str, Any] = evaluate_fidelity(model, prompts, steps=steps, unet=unet, guidance_scale=guidance, seed=seed, device=device)
+    result: dict[str, Any] = evaluate_fidelity(model, prompts, steps=steps, unet=unet, guidance_scale=guidance, seed=seed, device=device,
+                                               specs=specs)  # fmt: skip
     images = result.pop("_images")
     table = Table(title=f"{model} {unet}, {steps} steps, guidance {result['guidance_scale']}")
     table.add_column("measure")
@@ -266,18 +301,20 @@ def tune(model: str, unet: str, steps: int | None, candidates: str, prompt_set: 
     from rich.table import Table
 
     from meg.models import registry
-    from meg.models.evaluate import evaluate_fidelity, read_prompts
+    from meg.models.evaluate import evaluate_fidelity, read_prompt_set
 
-    if prompt_set in ("heldout", "indist"):
+    if prompt_set in ("heldout", "indist", "independent"):
         raise click.BadParameter(f"{prompt_set!r} is a reported set; choose settings on another (e.g. val)", param_hint="--prompts")
     folder = registry.model_dir(model)
-    prompts = read_prompts(folder / "prompts" / f"{prompt_set}.txt")[:n]
+    path = folder / "prompts" / f"{prompt_set}.txt"
+    prompts, specs = read_prompt_set(path if path.exists() else path.with_suffix(".jsonl"))
+    prompts, specs = prompts[:n], specs[:n]
     training = json.loads((folder / "training.json").read_text())
     fam = training["family"]
     n_steps = steps or int(fam["teacher_steps"] if unet == "teacher" else fam["student_steps"])
     scores: dict[str, float] = {}
     for value in (float(v) for v in candidates.split(",")):
-        r = evaluate_fidelity(model, prompts, steps=n_steps, unet=unet, guidance_scale=value, device=device)
+        r = evaluate_fidelity(model, prompts, steps=n_steps, unet=unet, guidance_scale=value, device=device, specs=specs)
         scores[f"{value:g}"] = round(float(r["fidelity"]), 4)
     best = max(scores, key=lambda k: scores[k])
     table = Table(title=f"{model} {unet}, {n_steps} steps, {len(prompts)} {prompt_set} prompts")
@@ -312,10 +349,25 @@ def prompt(prompt: str) -> None:
 @click.option("--seed", type=int, default=0)
 def judge_check(prompts_path: Path, seed: int) -> None:
     """The judge on ground-truth renders of each prompt (should score ≥ 0.95)."""
-    from meg.models.evaluate import ground_truth_fidelity, read_prompts
+    from meg.models.evaluate import ground_truth_fidelity, read_prompt_set
 
-    report = ground_truth_fidelity(read_prompts(prompts_path), seed=seed)
+    prompts, specs = read_prompt_set(prompts_path)
+    report = ground_truth_fidelity(prompts, seed=seed, specs=specs)
     click.echo(json.dumps(report.to_dict(), indent=1))
+
+
+@eval_group.command(name="write-prompts")
+@click.option("--n", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seed", type=int, default=4242, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="A .jsonl file: each prompt with its ground truth.")
+def write_prompts(n: int, seed: int, out: Path) -> None:
+    """Write a prompt set with the independent evaluation writer (meg.models.prompt_writer)."""
+    from meg.models.prompt_writer import save_prompt_set, write_prompt_set
+
+    if out.suffix != ".jsonl":
+        raise click.BadParameter(f"the set keeps each prompt's ground truth: name a .jsonl file, got {str(out)!r}", param_hint="--out")
+    save_prompt_set(write_prompt_set(n, seed), out)
+    click.echo(f"wrote {n} prompts to {out}")
 
 
 @eval_group.command()

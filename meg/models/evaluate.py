@@ -15,10 +15,10 @@ import torch
 
 from meg.errors import InvalidInputError
 from meg.models import judge
-from meg.models.captions import PromptSpec, parse_prompt
+from meg.models.captions import PromptSpec, parse_prompt, unknown_words
 from meg.models.world import render
 
-__all__ = ["decoder_mse", "evaluate_fidelity", "generate", "ground_truth_fidelity", "read_prompts", "student_latents"]
+__all__ = ["decoder_mse", "evaluate_fidelity", "generate", "ground_truth_fidelity", "read_prompt_set", "read_prompts", "student_latents"]
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -29,6 +29,17 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise InvalidInputError(f"prompts file {str(path)!r} holds no prompt")
     return prompts
+
+
+def read_prompt_set(path: Path) -> tuple[list[str], list[PromptSpec]]:
+    """(prompts, what each asks for): a `.jsonl` set carries its ground truth
+    (`meg.models.prompt_writer`); for a text file it is the parse of each prompt."""
+    if path.suffix == ".jsonl":
+        from meg.models.prompt_writer import load_prompt_set
+
+        return load_prompt_set(path)
+    prompts = read_prompts(path)
+    return prompts, [parse_prompt(p) for p in prompts]
 
 
 def generate(pipe, prompts: list[str], *, steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
@@ -62,14 +73,17 @@ def _real_features(net: judge.FeatureNet, specs: list[PromptSpec], seed: int, de
     return np.concatenate(feats)
 
 
-def ground_truth_fidelity(prompts: list[str], *, seed: int = 0, vae: Any = None) -> judge.FidelityReport:
+def ground_truth_fidelity(prompts: list[str], *, seed: int = 0, vae: Any = None, specs: list[PromptSpec] | None = None) -> judge.FidelityReport:
     """The judge on renders of scenes that satisfy each prompt (validates the judge).
 
-    With `vae` (an AutoencoderKL), the renders are first encoded and decoded: the best a
-    latent model with that autoencoder can score.
+    `specs`: what each prompt asks for (default: the parse of each prompt). With `vae` (an
+    AutoencoderKL), the renders are first encoded and decoded: the best a latent model
+    with that autoencoder can score.
     """
     rng = np.random.default_rng(seed)
-    specs = [parse_prompt(p) for p in prompts]
+    specs = [parse_prompt(p) for p in prompts] if specs is None else specs
+    if len(specs) != len(prompts):
+        raise InvalidInputError(f"{len(prompts)} prompts but {len(specs)} specs")
     scenes = [judge.scene_from_spec(s, rng) for s in specs]
     from meg.models.world import Scenes
 
@@ -93,8 +107,13 @@ def evaluate_fidelity(
     device: torch.device | str = "cpu",
     merge_decoder: bool = False,
     batch_size: int = 64,
+    specs: list[PromptSpec] | None = None,
 ) -> dict[str, Any]:
-    """Generate one image per prompt and judge it: fidelity, attribute accuracy, FSD."""
+    """Generate one image per prompt and judge it: fidelity, attribute accuracy, FSD.
+
+    `specs`: what each prompt asks for (default: the parse of each prompt)."""
+    if specs is not None and len(specs) != len(prompts):
+        raise InvalidInputError(f"{len(prompts)} prompts but {len(specs)} specs")
     from meg.models import registry
 
     if unet not in ("student", "teacher", "small"):
@@ -107,12 +126,12 @@ def evaluate_fidelity(
     t0 = time.perf_counter()
     images = generate(pipe, prompts, steps=steps, guidance_scale=guidance, seed=seed, batch_size=batch_size)
     gen_s = time.perf_counter() - t0
-    specs = [parse_prompt(p) for p in prompts]
+    specs = [parse_prompt(p) for p in prompts] if specs is None else specs
     report = judge.score_prompts(specs, images)
     result: dict[str, Any] = {
         "model": name, "unet": unet, "steps": steps, "guidance_scale": guidance, "seed": seed,
         **report.to_dict(), "generation_s": round(gen_s, 2), "device": str(device),
-        "prompts_with_unknown_words": sum(bool(s.unknown_words) for s in specs),
+        "prompts_with_unknown_words": sum(bool(unknown_words(p)) for p in prompts),
     }  # fmt: skip
     judge_dir = registry.model_dir(name) / "judge"
     if (judge_dir / "feature_net.safetensors").exists() and len(prompts) >= 2:

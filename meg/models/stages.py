@@ -42,7 +42,7 @@ from meg.models.family import (
     build_unet,
     build_vae,
 )
-from meg.models.training import Session, check_decoder_loss, ema_state, run_loop
+from meg.models.training import CAPTION_STYLES, Session, check_decoder_loss, ema_state, run_loop
 from meg.models.world import (
     BACKGROUND_COLOURS,
     OBJECT_COLOURS,
@@ -56,7 +56,7 @@ from meg.models.world import (
     sample_scenes,
 )
 
-__all__ = ["PROMPT_SETS", "STAGES", "caption_labels", "continue_decoder", "continue_teacher", "run_stage", "write_prompt_files"]
+__all__ = ["DISTILL_TARGETS", "INDEPENDENT_SETS", "PROMPT_SETS", "STAGES", "caption_labels", "continue_decoder", "continue_distill", "continue_teacher", "run_stage", "write_prompt_files"]
 
 _COLOURS = list(OBJECT_COLOURS)
 _BG = list(BACKGROUND_COLOURS)
@@ -280,9 +280,17 @@ PROMPT_SETS = {"heldout": (True, 101), "indist": (False, 202), "val": (True, 303
 """Evaluation prompt files: name → (held-out colour–shape pairs?, seed offset). "val" is
 for choosing inference settings (guidance scales); results are reported on the others."""
 
+INDEPENDENT_SETS = {"independent": 4242, "independent_val": 4343}
+"""Prompt sets of the independent writer (`meg.models.prompt_writer`): name → seed (fixed,
+not offset by the training seed, so every family is measured on the same prompts).
+"independent_val" is for choosing settings; results are reported on "independent"."""
+
 
 def write_prompt_files(session: Session) -> None:
-    """model_dir/prompts/{heldout,indist,val}.txt, `n_eval_prompts` captions each."""
+    """model_dir/prompts/{heldout,indist,val}.txt, `n_eval_prompts` captions each, and the
+    independent writer's {independent,independent_val}.jsonl (prompts with ground truth)."""
+    from meg.models.prompt_writer import save_prompt_set, write_prompt_set
+
     cfg = session.train
     prompts = session.model_dir / "prompts"
     prompts.mkdir(parents=True, exist_ok=True)
@@ -291,6 +299,8 @@ def write_prompt_files(session: Session) -> None:
         ev_rng = np.random.default_rng(cfg.seed + offset)
         lines = [caption_scene(ev, i, ev_rng)[0] for i in range(len(ev))]
         (prompts / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    for name, seed in INDEPENDENT_SETS.items():
+        save_prompt_set(write_prompt_set(cfg.n_eval_prompts, seed), prompts / f"{name}.jsonl")
 
 
 def _preview(scenes: Scenes, captions: list[str], path: Path) -> None:
@@ -394,10 +404,17 @@ def stage_text(session: Session) -> None:
 
 
 def _train_teacher(session: Session, stage: str, unet: Any, data: dict[str, Any], latents: torch.Tensor, *, steps: int, batch: int,
-                   lr: float, text_lr: float, min_snr: float) -> None:  # fmt: skip
+                   lr: float, text_lr: float, min_snr: float, coverage: torch.Tensor | None = None,
+                   object_weight: float = 0.0) -> None:  # fmt: skip
     """ε-prediction training of `unet` on `latents` with captions data["tokens"] (CFG dropout,
     EMA weights), the text encoder fine-tuned at `text_lr` (0 freezes it); writes the
-    EMA weights to model_dir/teacher_unet (and text_encoder when it trained)."""
+    EMA weights to model_dir/teacher_unet (and text_encoder when it trained).
+
+    With `coverage` ([N,1,h,w], the fraction of each latent pixel covered by objects) and
+    `object_weight` > 0, each latent pixel's squared error is weighted by
+    1 + object_weight·coverage (normalised per item): objects cover a few percent of a
+    scene, so the plain loss is dominated by the background.
+    """
     cfg = session.train
     text = _load_text(session)
     alphas = _alphas(session)
@@ -421,7 +438,11 @@ def _train_teacher(session: Session, stage: str, unet: Any, data: dict[str, Any]
         with torch.set_grad_enabled(train_text):
             cond = text(ids).last_hidden_state
         pred = unet(xt, t, cond).sample
-        per_item = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        if coverage is not None and object_weight > 0:
+            weight = 1 + object_weight * coverage[idx.to(coverage.device)].to(session.device)
+            per_item = ((pred - noise) ** 2 * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3))
+        else:
+            per_item = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         if min_snr > 0:
             snr = a.flatten() / (1 - a.flatten())
             per_item = per_item * snr.clamp(max=min_snr) / snr
@@ -482,8 +503,9 @@ def lcm_grid(session: Session) -> torch.Tensor:
     return torch.arange(n, 0, -1) * step - 1
 
 
-def _trajectories(session: Session) -> dict[str, torch.Tensor]:
-    """Teacher DDIM+CFG trajectories on the LCM grid: points [G,T,4,h,w] fp16, ends, token ids."""
+def _trajectories(session: Session, record_as: str = "trajectories") -> dict[str, torch.Tensor]:
+    """Teacher DDIM+CFG trajectories on the LCM grid: points [G,T,4,h,w] fp16, ends, token ids
+    (computed once per session; their time is recorded under `record_as`)."""
     if "trajectories" in session.cache:
         return session.cache["trajectories"]
     cfg = session.train
@@ -523,7 +545,7 @@ def _trajectories(session: Session) -> dict[str, torch.Tensor]:
             all_ids.append(ids)
     out = {"points": torch.cat(points), "ends": torch.cat(ends), "ids": torch.cat(all_ids), "grid": grid}
     session.cache["trajectories"] = out
-    session.record("trajectories", n=cfg.n_trajectories, time_s=round(time.perf_counter() - t0, 2))
+    session.record(record_as, n=cfg.n_trajectories, time_s=round(time.perf_counter() - t0, 2))
     return out
 
 
@@ -644,16 +666,19 @@ def stage_decoder(session: Session) -> None:
                    crop=cfg.decoder_crop, lr=cfg.decoder_lr, loss=cfg.decoder_loss)  # fmt: skip
 
 
-def _fresh_latents(session: Session, n: int, seed: int) -> tuple[Scenes, torch.Tensor]:
-    """`n` fresh training-distribution scenes (seeded) and their scaled posterior means."""
+def _fresh_latents(session: Session, n: int, seed: int) -> tuple[Scenes, torch.Tensor, torch.Tensor]:
+    """`n` fresh training-distribution scenes (seeded), their scaled posterior means, and the
+    fraction of each latent pixel covered by objects [n,1,h,w] (float16, CPU)."""
     scenes = sample_scenes(n, seed)
     vae = _load_vae(session)
-    chunks = []
+    chunks, covers = [], []
+    factor = session.family.image_size // session.family.latent_size
     with torch.no_grad():
         for start in tqdm(range(0, n, 256), desc="encode scenes", disable=not session.progress):
-            images, _ = render(scenes.select(slice(start, start + 256)), device=session.device)
+            images, masks = render(scenes.select(slice(start, start + 256)), device=session.device)
             chunks.append(vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
-    return scenes, torch.cat(chunks)
+            covers.append(F.avg_pool2d(masks.any(dim=1, keepdim=True).float(), factor).half().cpu())
+    return scenes, torch.cat(chunks), torch.cat(covers)
 
 
 def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr: float, loss: str, pool: int) -> float:
@@ -670,7 +695,7 @@ def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr:
     t0 = time.perf_counter()
     cfg = session.train
     torch.manual_seed(cfg.seed)
-    scenes, real = _fresh_latents(session, pool, cfg.seed + 404)
+    scenes, real, _ = _fresh_latents(session, pool, cfg.seed + 404)
     rng = np.random.default_rng(cfg.seed + 404)
     captions = [caption_scene(scenes, i, rng)[0] for i in range(pool)]
     sampled = student_latents(str(session.model_dir.resolve()), captions, seed=cfg.seed + 404, device=session.device)
@@ -681,26 +706,95 @@ def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr:
     return elapsed
 
 
-def continue_teacher(session: Session, *, steps: int, batch: int, lr: float, min_snr: float, scenes: int) -> float:
+def continue_teacher(session: Session, *, steps: int, batch: int, lr: float, min_snr: float, scenes: int, captions: str = "templates",
+                     captions_per_scene: int | None = None, object_weight: float = 0.0, scene_seed: int = 505) -> float:  # fmt: skip
     """Continue training the family's teacher (model_dir/teacher_unet, text encoder frozen) on
-    `scenes` fresh training-distribution scenes with `captions_per_scene` paraphrases each,
-    recorded under "teacher_continue"; returns the wall time. The recipe is left as it was."""
+    `scenes` fresh training-distribution scenes (seed `train.seed + scene_seed`) with
+    `captions_per_scene` captions each (default: the recipe's) in `captions` style, loss
+    weighted towards objects by `object_weight`; recorded under "teacher_continue"; returns
+    the wall time. The recipe is left as it was."""
     from transformers import PreTrainedTokenizerFast
 
+    from meg.models.paraphrase import paraphrase_scene
+
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"captions must be one of {', '.join(map(repr, CAPTION_STYLES))}, got {captions!r}")
+    if object_weight < 0:
+        raise ValueError(f"object_weight must be >= 0, got {object_weight}")
+    t0 = time.perf_counter()
+    cfg = session.train
+    per_scene = captions_per_scene or cfg.captions_per_scene
+    torch.manual_seed(cfg.seed)
+    fresh, latents, coverage = _fresh_latents(session, scenes, cfg.seed + scene_seed)
+    rng = np.random.default_rng(cfg.seed + scene_seed)
+    write = paraphrase_scene if captions == "augmented" else caption_scene
+    texts = [write(fresh, i, rng)[0] for i in range(scenes) for _ in range(per_scene)]
+    (session.stage_dir("teacher_continue") / "captions_sample.txt").write_text("\n".join(texts[:200]) + "\n")
+    tok = PreTrainedTokenizerFast.from_pretrained(session.model_dir / "tokenizer")  # the family's own vocabulary
+    ids = tok(texts, padding="max_length", max_length=session.family.max_tokens, truncation=True, return_tensors="pt").input_ids
+    data = {"tokens": ids.view(scenes, per_scene, -1)}
+    _train_teacher(session, "teacher_continue", _load_unet(session, "teacher_unet"), data, latents, steps=steps, batch=batch, lr=lr,
+                   text_lr=0.0, min_snr=min_snr, coverage=coverage, object_weight=object_weight)  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    session.record("teacher_continue", batch=batch, lr=lr, min_snr=min_snr, scenes=scenes, captions=captions,
+                   captions_per_scene=per_scene, object_weight=object_weight, scene_seed=scene_seed, wall_s=round(elapsed, 1))  # fmt: skip
+    return elapsed
+
+
+DISTILL_TARGETS = {"unet": "distill", "small_unet": "small"}
+"""Student folders `continue_distill` can continue, and the stage that first trained each."""
+
+
+def continue_distill(session: Session, *, targets: tuple[str, ...], steps: int, batch: int, lr: float, trajectories: int,
+                     captions: str = "augmented", scene_seed: int = 707) -> float:  # fmt: skip
+    """Continue distilling the family's students (`targets`: "unet", "small_unet") from its
+    current teacher, on `trajectories` fresh teacher PF-ODE trajectories (DDIM + CFG on the
+    LCM grid) of captions in `captions` style of fresh scenes (seed `train.seed + scene_seed`);
+    each target trains `steps` steps from its shipped weights and is recorded under
+    "{stage}_continue" (distill_continue, small_continue); returns the wall time.
+
+    Both targets share one set of trajectories, so the teacher runs once. The recipe is left
+    as it was.
+    """
+    from dataclasses import replace
+
+    from transformers import PreTrainedTokenizerFast
+
+    from meg.models.paraphrase import paraphrase_scene
+
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"captions must be one of {', '.join(map(repr, CAPTION_STYLES))}, got {captions!r}")
+    unknown = [t for t in targets if t not in DISTILL_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"targets must be among {', '.join(map(repr, DISTILL_TARGETS))}, got {targets!r}")
     t0 = time.perf_counter()
     cfg = session.train
     torch.manual_seed(cfg.seed)
-    fresh, latents = _fresh_latents(session, scenes, cfg.seed + 505)
-    rng = np.random.default_rng(cfg.seed + 505)
-    texts = [caption_scene(fresh, i, rng)[0] for i in range(scenes) for _ in range(cfg.captions_per_scene)]
-    tok = PreTrainedTokenizerFast.from_pretrained(session.model_dir / "tokenizer")  # the family's own vocabulary
+    # the trajectories only need captions: one per fresh scene
+    fresh = sample_scenes(trajectories, cfg.seed + scene_seed)
+    rng = np.random.default_rng(cfg.seed + scene_seed)
+    write = paraphrase_scene if captions == "augmented" else caption_scene
+    texts = [write(fresh, i, rng)[0] for i in range(trajectories)]
+    tok = PreTrainedTokenizerFast.from_pretrained(session.model_dir / "tokenizer")
     ids = tok(texts, padding="max_length", max_length=session.family.max_tokens, truncation=True, return_tensors="pt").input_ids
-    data = {"tokens": ids.view(scenes, cfg.captions_per_scene, -1)}
-    _train_teacher(session, "teacher_continue", _load_unet(session, "teacher_unet"), data, latents, steps=steps, batch=batch, lr=lr,
-                   text_lr=0.0, min_snr=min_snr)  # fmt: skip
-    elapsed = time.perf_counter() - t0
-    session.record("teacher_continue", batch=batch, lr=lr, min_snr=min_snr, scenes=scenes, wall_s=round(elapsed, 1))
-    return elapsed
+    session.cache["data"] = {"tokens": ids[:, None]}
+    session.cache.pop("trajectories", None)
+    session.train = replace(cfg, n_trajectories=trajectories, trajectory_batch=min(cfg.trajectory_batch, 64), distill_batch=batch)
+    try:
+        _trajectories(session, record_as="trajectories_continue")
+        for target in targets:
+            stage = f"{DISTILL_TARGETS[target]}_continue"
+            t_stage = time.perf_counter()
+            student = _load_unet(session, target)
+            _distill(session, stage, student, lr, steps)
+            _save(student, session.model_dir / target)
+            session.record(stage, batch=batch, lr=lr, trajectories=trajectories, captions=captions, scene_seed=scene_seed,
+                           wall_s=round(time.perf_counter() - t_stage, 1))  # fmt: skip
+    finally:
+        session.train = cfg
+        session.cache.pop("data", None)
+        session.cache.pop("trajectories", None)
+    return time.perf_counter() - t0
 
 
 def stage_judge(session: Session) -> None:

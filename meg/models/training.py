@@ -23,8 +23,12 @@ from tqdm.auto import tqdm
 
 from meg.models.family import FamilyConfig
 
-__all__ = ["DECODER_LOSSES", "Session", "TrainConfig", "check_decoder_loss", "run_loop", "seeded"]
+__all__ = ["CAPTION_STYLES", "DECODER_LOSSES", "Session", "TrainConfig", "check_decoder_loss", "run_loop", "seeded"]
 
+
+CAPTION_STYLES = ("templates", "augmented")
+"""Training captions of the teacher continuation: `meg.models.captions.caption_scene`'s
+templates, or `meg.models.paraphrase.paraphrase_scene`'s many more phrasings."""
 
 DECODER_LOSSES = ("relative", "absolute")
 """Objectives of the merge-aware decoder (see `TrainConfig.decoder_loss`)."""
