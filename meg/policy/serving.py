@@ -41,6 +41,16 @@ def plan_proto(split: str, steps: int, merge_ratio: float, policy: str, *,
     return plan_to_proto(plan)
 
 
+def _recipe_default(observation: policy_service_pb2.Observation) -> generation_pb2.Plan | None:
+    """The plan of a recipe these planners were not built for (they plan MEG), if it has one."""
+    from meg.recipes.registry import recipe_for
+
+    if observation.recipe in (generation_pb2.RECIPE_UNSPECIFIED, generation_pb2.RECIPE_MEG):
+        return None
+    plan = recipe_for(observation.recipe, field="observation.recipe").default_plan(observation)
+    return plan_to_proto(plan) if plan is not None else None
+
+
 class _Observed:
     """Physical observation and limits read from an Observation proto."""
 
@@ -78,6 +88,8 @@ class RulePolicy:
         self.name = "rule"
 
     def decide(self, observation: policy_service_pb2.Observation) -> generation_pb2.Plan:
+        if (other := _recipe_default(observation)) is not None:
+            return other
         o = _Observed(observation, self.sim.config, self.sim.link_budget)
         plan, merge = self.agent.plan(self.sim, np.array([o.snr_db]), np.array([o.pixels]),
                                       np.array([o.latency_limit_s]), np.array([o.energy_limit_j]))
@@ -104,6 +116,8 @@ class AgentPolicy:
 
     @torch.no_grad()
     def decide(self, observation: policy_service_pb2.Observation) -> generation_pb2.Plan:
+        if (other := _recipe_default(observation)) is not None:
+            return other
         o = _Observed(observation, self.config, self.link_budget)
         x = torch.from_numpy(features(np.array(o.snr_db), np.array(o.previous_latency_s),
                                       np.array(o.previous_energy_j), np.array(o.pixels), self.config))

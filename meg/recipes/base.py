@@ -59,6 +59,8 @@ class EdgeContext:
     """Device profile the edge's compute is modelled with."""
     model: str = ""
     """Name of the served pipeline (`load_pipeline` name or folder)."""
+    config: Any = None
+    """The edge's `EdgeConfig` (recipe options such as ``sr_model`` live there)."""
     store: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -147,6 +149,8 @@ class DeviceContext:
     """``runtime(height, width, parts)``: the device runtime for those graph parts ("decoder",
     "unet"), cached by the client (ONNX Runtime by default; None for eager torch)."""
     device_profile: str | None
+    config: Any = None
+    """The client's `ClientConfig` (runtime kind, cache folder, recipe options such as ``light_sr``)."""
     store: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -241,3 +245,13 @@ class Recipe(ABC):
     @abstractmethod
     def device_half(self, ctx: DeviceContext, request: gen_pb.GenerationRequest) -> DeviceHalf:
         """A fresh device half for one request."""
+
+    def default_plan(self, observation: Any) -> Plan | None:
+        """The plan for a request of this recipe that a policy built for another recipe
+        cannot plan (None: the policy's own plan is meant for this recipe)."""
+        return None
+
+    def modelled_latency_s(self, parts: list[PartCost], extra: dict[str, Any]) -> float:
+        """End-to-end modelled latency from the report's parts: by default the parts run one
+        after the other (their sum); a recipe whose parts overlap says how."""
+        return sum(p.latency_s for p in parts if not p.measured)

@@ -33,7 +33,7 @@ __all__ = [
 MEG_TOME_RATIO = 0.5
 """ToMe ratio inside the edge UNet that MEG uses (paper: 0.5 on all transformer blocks)."""
 
-_KIND_TO_PROTO: dict[SplitKind, int] = {
+_KIND_TO_PROTO: dict[SplitKind, Any] = {
     "device": gen_pb.SPLIT_KIND_DEVICE,
     "step": gen_pb.SPLIT_KIND_STEP,
     "decoder": gen_pb.SPLIT_KIND_DECODER,

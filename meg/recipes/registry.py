@@ -44,7 +44,7 @@ def recipe_for(wire_id: int, *, field: str = "recipe") -> Recipe:
         recipe = _RECIPES.get(key)
         served = ", ".join(f"{r.name} ({i})" for i, r in sorted(_RECIPES.items()))
     if recipe is None:
-        name = gen_pb.Recipe.Name(key) if key in gen_pb.Recipe.values() else str(key)
+        name = gen_pb.Recipe.Name(key) if key in gen_pb.Recipe.values() else str(key)  # type: ignore[arg-type]
         raise InvalidInputError(f"recipe {name} is not served here (served: {served})", field=field)
     return recipe
 
@@ -60,9 +60,11 @@ def recipe_by_name(name: str, *, field: str = "recipe") -> Recipe:
 
 
 def _register_builtin() -> None:
+    from meg.recipes.hybrid_sr import HybridSrRecipe
     from meg.recipes.meg import MegRecipe
 
     register(MegRecipe())
+    register(HybridSrRecipe())
 
 
 _register_builtin()

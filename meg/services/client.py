@@ -38,7 +38,7 @@ from meg.errors import (
     MegError,
     UnavailableError,
 )
-from meg.recipes.base import DeviceContext, DeviceHalf, DeviceOutput
+from meg.recipes.base import DeviceContext, DeviceHalf, DeviceOutput, Recipe
 from meg.recipes.plan import Plan, plan_from_proto, plan_to_proto
 from meg.recipes.registry import recipe_by_name, recipe_for
 from meg.recipes.report import (
@@ -100,6 +100,11 @@ class ClientConfig:
     """Largest gRPC message accepted from the edge."""
     framing: FramingLimits = field(default_factory=FramingLimits)
     """Bounds on tensors received from the edge (checked before allocating)."""
+    sr_model: str | None = None
+    """Hybrid SR: the diffusion SR model for the in-process reference (``reference=True``)."""
+    light_sr: str | None = None
+    """Hybrid SR: the device's light SR model — a family name or folder, or a Real-ESRGAN
+    SRVGGNetCompact weights file; default: the `model`'s family."""
 
 
 @dataclass(frozen=True)
@@ -298,7 +303,7 @@ class DeviceClient:
             plan = half.fallback_plan()
         assert plan is not None
         wall_s = time.perf_counter() - started - output.setup_s
-        report = self._report(proto, recipe.name, plan, answer, fallback_reason, output,
+        report = self._report(proto, recipe, plan, answer, fallback_reason, output,
                               edge_wall_s=edge_wall_s, wall_s=wall_s)
         if reference:
             expected = half.reference()
@@ -402,14 +407,15 @@ class DeviceClient:
             if self._context is None:
                 pipeline = self._pipeline
                 if pipeline is None:
+                    import meg.models  # noqa: F401  (registers meg-tiny as a model source)
                     from meg.split.loading import load_pipeline
 
                     pipeline = load_pipeline(self.config.model)
                 self._context = DeviceContext(engine=SplitEngine(pipeline), runtime=self._runtime,
-                                              device_profile=None)
+                                              device_profile=None, config=self.config)
         # one engine and runtime cache for every request; the profile is the request's
         return DeviceContext(engine=self._context.engine, runtime=self._runtime, device_profile=device_profile,
-                             store=self._context.store, lock=self._context.lock)
+                             config=self.config, store=self._context.store, lock=self._context.lock)
 
     def _runtime(self, height: int, width: int, parts: tuple[str, ...]) -> Any:
         """The device runtime for ``parts`` at one resolution (exports ONNX on first use)."""
@@ -437,7 +443,7 @@ class DeviceClient:
 
     # -- the report ------------------------------------------------------------------------------
 
-    def _report(self, request: gen_pb.GenerationRequest, recipe: str, plan: Plan, answer: _EdgeAnswer,
+    def _report(self, request: gen_pb.GenerationRequest, recipe: Recipe, plan: Plan, answer: _EdgeAnswer,
                 fallback_reason: str | None, output: DeviceOutput, *, edge_wall_s: float,
                 wall_s: float) -> GenerationReport:
         edge = answer.report if fallback_reason is None else None
@@ -454,11 +460,12 @@ class DeviceClient:
             retransmissions=int(edge.retransmissions) if edge else 0,
             feature_snr_db=edge.feature_snr_db if edge and channel["mode"] == "analog" else None,
         )
-        modelled_latency_s, energy = GenerationReport.totals(parts)
+        _, energy = GenerationReport.totals(parts)
+        modelled_latency_s = recipe.modelled_latency_s(parts, output.extra)
         height, width = (int(s) for s in output.image.shape[-2:])
         return GenerationReport(
             request_id=request.request_id,
-            recipe=recipe,
+            recipe=recipe.name,
             prompt=request.prompt,
             seed=int(request.seed),
             width=width,

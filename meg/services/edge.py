@@ -73,11 +73,12 @@ class EdgeServer(BoundServer):
                 if self._loader is not None:
                     pipeline = await asyncio.to_thread(self._loader)
                 else:
+                    import meg.models  # noqa: F401  (registers meg-tiny as a model source)
                     from meg.split.loading import load_pipeline
 
                     pipeline = await asyncio.to_thread(load_pipeline, self.config.model)
             self.servicer.context = EdgeContext(engine=SplitEngine(pipeline), edge_profile=self.config.edge_profile,
-                                                model=self.config.model)
+                                                model=self.config.model, config=self.config)
             self.servicer.pool = WorkerPool(self.config.workers, self.config.queue_size)
             await set_serving(self.health, [SERVICE_NAME], True)
             log_event(_log, "edge.serving", address=self.address, model=self.config.model)

@@ -64,3 +64,6 @@ class EdgeConfig:
     """Port of a Prometheus `/metrics` endpoint; None turns it off."""
     reflection: bool = True
     """Serve gRPC server reflection."""
+    sr_model: str | None = None
+    """Hybrid SR: the edge's diffusion SR model — a family name or folder, or a diffusers
+    upscaler folder; default: the served `model`'s family."""
