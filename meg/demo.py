@@ -39,6 +39,14 @@ class DemoConfig:
     mode: str = "digital"
     """Emulated link: ideal, digital (packets, ARQ) or analog (noisy feature values)."""
     device_profile: str = "jetson-agx-orin"
+    recipe: str = "meg"
+    """Recipe to run: "meg" or "hybrid-sr"."""
+    target_size_px: int = 0
+    """Side of the image; 0: the model's native size (MEG), 4 × native (Hybrid SR: 512 px on meg-tiny)."""
+    sr_model: str | None = None
+    """Hybrid SR: diffusion SR model of the edge (default: the model's family)."""
+    light_sr: str | None = None
+    """Hybrid SR: light SR model of the device (default: the model's family)."""
     policy: str = "rule"
     """Policy the policy service runs: "rule", "cvpo" (the shipped checkpoint) or a checkpoint folder."""
     latency_limit_s: float = 3.0
@@ -89,13 +97,16 @@ def run_demo(config: DemoConfig = DemoConfig()) -> GenerationReport:
         from meg.policy import load_policy
 
         policy = start_policy(PolicyServerConfig(port=0), policy=load_policy(config.policy), loop=loop)
-        edge = start_edge(EdgeConfig(port=0, model=model, policy_address=policy.address), pipeline=pipeline, loop=loop)
+        edge_config = EdgeConfig(port=0, model=model, policy_address=policy.address, sr_model=config.sr_model)
+        edge = start_edge(edge_config, pipeline=pipeline, loop=loop)
         try:
+            size = config.target_size_px
             request = DeviceRequest(prompt=config.prompt, seed=config.seed, device_profile=config.device_profile,
-                                    link=link, distance_m=config.distance_m,
+                                    link=link, distance_m=config.distance_m, width=size, height=size,
                                     latency_limit_s=config.latency_limit_s, energy_limit_j=config.energy_limit_j,
-                                    model=model)
-            client_config = ClientConfig(model=model, runtime=config.runtime)  # type: ignore[arg-type]
+                                    model=model, recipe=config.recipe)
+            client_config = ClientConfig(model=model, runtime=config.runtime,  # type: ignore[arg-type]
+                                         sr_model=config.sr_model, light_sr=config.light_sr)
             with DeviceClient([edge.address], client_config, pipeline=pipeline) as client:
                 result = client.generate(request, reference=True)
         finally:
@@ -124,13 +135,21 @@ def run_demo(config: DemoConfig = DemoConfig()) -> GenerationReport:
               help="Edge–device distance in metres (MEG: 200–300 m).")
 @click.option("--mode", type=click.Choice(["ideal", "digital", "analog"]), default=DemoConfig.mode, show_default=True,
               help="Emulated link mode.")
+@click.option("--recipe", type=click.Choice(["meg", "hybrid-sr"]), default=DemoConfig.recipe, show_default=True,
+              help="MEG (edge denoises, device decodes) or Hybrid SR (edge generates small and upscales the "
+                   "salient cells, device upscales the rest).")
+@click.option("--target-size", "target_size_px", type=int, default=DemoConfig.target_size_px, show_default=True,
+              help="Image side in pixels; 0: the model's native size (MEG) or 4x it (Hybrid SR, 512 px on meg-tiny).")
+@click.option("--sr-model", default=None, help="Hybrid SR: the edge's diffusion SR model (family or upscaler folder).")
+@click.option("--light-sr", default=None, help="Hybrid SR: the device's light SR model (family, folder or Real-ESRGAN .pth).")
 @click.option("--policy", default=DemoConfig.policy, show_default=True,
               help='Policy that plans the request: "rule", "cvpo" (the shipped CVPO checkpoint) or a checkpoint folder.')
 @click.option("--runtime", type=click.Choice(["onnxruntime", "torch", "eager"]), default=DemoConfig.runtime,
               show_default=True, help="Where the device partition runs.")
 @click.option("--threads", "torch_threads", type=int, default=DemoConfig.torch_threads, show_default=True,
               help="torch intra-op threads (0: torch's default).")
-def demo(prompt: str, out_dir: Path, model: str, seed: int, distance_m: float, mode: str, policy: str, runtime: str,
+def demo(prompt: str, out_dir: Path, model: str, seed: int, distance_m: float, mode: str, recipe: str,
+         target_size_px: int, sr_model: str | None, light_sr: str | None, policy: str, runtime: str,
          torch_threads: int) -> None:
     """Run edge server, policy service and device client on loopback; write one image.
 
@@ -140,7 +159,8 @@ def demo(prompt: str, out_dir: Path, model: str, seed: int, distance_m: float, m
     from meg.services.cli import print_summary
 
     config = dataclasses.replace(DemoConfig(), prompt=prompt, out_dir=out_dir, model=model, seed=seed,
-                                 distance_m=distance_m, mode=mode, policy=policy, runtime=runtime,
+                                 distance_m=distance_m, mode=mode, recipe=recipe, target_size_px=target_size_px,
+                                 sr_model=sr_model, light_sr=light_sr, policy=policy, runtime=runtime,
                                  torch_threads=torch_threads)
     from meg.services.wire import tune_malloc
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import jsonschema
 from click.testing import CliRunner
 from PIL import Image
+from sr_models import write_random_sr_models
 
 from meg.cli import cli
 from meg.recipes.report import GenerationReport
@@ -32,6 +33,22 @@ def test_demo_writes_image_and_report(tmp_path: Path) -> None:
     schema = json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text())
     jsonschema.validate(report, schema)
     assert GenerationReport.from_dict(report).to_dict() == report
+
+
+def test_demo_runs_hybrid_sr(tmp_path: Path) -> None:
+    light, diffusion = write_random_sr_models(tmp_path)
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--model", "tiny-random", "--runtime", "onnxruntime",
+                                      "--recipe", "hybrid-sr", "--target-size", "256", "--sr-model", str(diffusion),
+                                      "--light-sr", str(light)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text()))
+    assert report["recipe"] == "hybrid-sr" and report["fallback"]["used"] is False
+    assert report["plan"]["params"]["sr_scale"] == 4.0 and report["width"] == 256
+    assert len(report["extra"]["hybrid_sr"]["foreground_cells"]) == 4
+    assert report["quality"]["max_abs_diff"] <= 1e-3  # the in-process pipeline, up to fp16 patches on the wire
+    assert "measured overlap" in result.output
 
 
 def test_bench_e2e_rows(tmp_path: Path) -> None:

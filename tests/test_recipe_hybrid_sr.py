@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from sr_models import write_random_sr_models
 
 from meg.errors import InvalidInputError
 from meg.recipes.hybrid_sr import HybridSrRecipe, hybrid_plan, run_hybrid_sr
@@ -31,27 +32,7 @@ def pipeline() -> Any:
 
 @pytest.fixture(scope="module")
 def sr_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A family-style folder of random ×2 and ×4 light SR models, and a random diffusion
-    upscaler folder."""
-    from diffusers import DDIMScheduler
-
-    from meg.models.sr import (
-        DiffusionUpscaler,
-        LightSRConfig,
-        SRVGGNetCompact,
-        UpscalerConfig,
-        build_sr_unet,
-        save_light_sr,
-    )
-
-    root = tmp_path_factory.mktemp("sr")
-    torch.manual_seed(1)
-    for scale in (2, 4):
-        model = SRVGGNetCompact(LightSRConfig(scale=scale, num_feat=8, num_conv=2)).eval()
-        save_light_sr(model, root / "light" / f"sr_light_x{scale}")
-    config = UpscalerConfig(scales=(2, 4), steps=2, channels=(8, 16))
-    DiffusionUpscaler(build_sr_unet(config, groups=4), DDIMScheduler(num_train_timesteps=1000), config).save(root / "diffusion")
-    return root / "light", root / "diffusion"
+    return write_random_sr_models(tmp_path_factory.mktemp("sr"))
 
 
 @pytest.fixture(scope="module")

@@ -63,11 +63,13 @@ def serve() -> None:
 @click.option("--grace-s", type=float, default=EdgeConfig.grace_s, show_default=True,
               help="Seconds in-flight requests get to finish on shutdown.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
+@click.option("--sr-model", default=None,
+              help="Hybrid SR: diffusion SR model (family name/folder or diffusers upscaler folder); default: the model's family.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 def serve_edge_command(host: str, port: int, model: str, workers: int, queue_size: int, policy_address: str | None,
                        policy_token: str | None, policy_tls_ca: Path | None, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
                        realtime: bool, edge_profile: str, torch_threads: int, grace_s: float,
-                       metrics_port: int | None, log_level: str) -> None:
+                       metrics_port: int | None, sr_model: str | None, log_level: str) -> None:
     """Run the edge server (EdgeService.Generate) until Ctrl-C, then drain."""
     from meg.services.edge import EdgeServer, serve_edge
     from meg.services.observability import configure_logging
@@ -78,7 +80,7 @@ def serve_edge_command(host: str, port: int, model: str, workers: int, queue_siz
                         policy_address=policy_address, policy_token=policy_token,
                         policy_tls=_tls(None, None, policy_tls_ca), token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
                         realtime=realtime, edge_profile=edge_profile, torch_threads=torch_threads, grace_s=grace_s,
-                        metrics_port=metrics_port)
+                        metrics_port=metrics_port, sr_model=sr_model)
 
     def ready(server: EdgeServer) -> None:
         click.echo(f"edge serving {model} on {server.address}" +
@@ -135,6 +137,15 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
 @click.option("--bandwidth-hz", type=float, default=None, help="Link bandwidth.")
 @click.option("--rate-bps", type=float, default=None, help="Fixed link rate (default: from SNR and bandwidth).")
 @click.option("--fading", type=click.Choice(["awgn", "rayleigh", "rician"]), default="awgn", show_default=True)
+@click.option("--recipe", type=click.Choice(["meg", "hybrid-sr"]), default="meg", show_default=True,
+              help="Which system generates: MEG or Hybrid SR.")
+@click.option("--target-size", type=int, default=None, help="Square image side in pixels (sets --width and --height).")
+@click.option("--sr-scale", type=click.Choice(["1", "2", "4"]), default=None,
+              help="Hybrid SR: force a plan with this SR scale S (the edge generates at target/S).")
+@click.option("--foreground-fraction", type=float, default=None,
+              help="Hybrid SR: fraction of cells upscaled by diffusion SR on the edge (default 0.25); needs --sr-scale.")
+@click.option("--light-sr", default=None, help="Hybrid SR: the device's light SR model (family, folder or Real-ESRGAN .pth).")
+@click.option("--sr-model", default=None, help="Hybrid SR: diffusion SR model for the --reference run.")
 @click.option("--split", default=None,
               help="Force a plan with this split (device, step:K, decoder, image, unet:B); default: the policy decides.")
 @click.option("--steps", type=int, default=None, help=f"Steps of a forced plan (default {DEFAULT_STEPS}); needs --split.")
@@ -155,7 +166,8 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("meg-out"),
               show_default=True, help="Folder for image.png and report.json.")
 def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: int, width: int | None, height: int | None,
-             device_profile: str, mode: str, snr_db: float | None, distance_m: float | None, bandwidth_hz: float | None,
+             device_profile: str, mode: str, recipe: str, target_size: int | None, sr_scale: str | None,
+             foreground_fraction: float | None, light_sr: str | None, sr_model: str | None, snr_db: float | None, distance_m: float | None, bandwidth_hz: float | None,
              rate_bps: float | None, fading: str, split: str | None, steps: int | None, merge_ratio: float | None,
              codec: str | None, tome_ratio: float | None, latency_limit_s: float, energy_limit_j: float, runtime: str,
              model: str, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
@@ -165,14 +177,23 @@ def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: in
 
     from meg.channel.link import LinkConfig
     from meg.channel.pathloss import MEG_LINK_BUDGET
+    from meg.recipes.hybrid_sr import HybridSrConfig, hybrid_plan
     from meg.recipes.plan import make_plan
     from meg.services.client import DeviceClient
     from meg.services.wire import tune_malloc
 
-    plan_options = {"--steps": steps, "--merge-ratio": merge_ratio, "--codec": codec, "--tome-ratio": tome_ratio}
+    plan_options = {"--steps": steps, "--merge-ratio": merge_ratio, "--codec": codec, "--tome-ratio": tome_ratio,
+                    "--foreground-fraction": foreground_fraction}
     given = [name for name, value in plan_options.items() if value is not None]
-    if split is None and given:
-        raise click.UsageError(f"{', '.join(given)} set a forced plan and need --split (else the policy decides)")
+    forcing = "--sr-scale" if recipe == "hybrid-sr" else "--split"
+    if (split if recipe == "meg" else sr_scale) is None and given:
+        raise click.UsageError(f"{', '.join(given)} set a forced plan and need {forcing} (else the policy decides)")
+    if recipe == "meg" and (sr_scale is not None or foreground_fraction is not None):
+        raise click.UsageError("--sr-scale and --foreground-fraction are Hybrid SR settings: add --recipe hybrid-sr")
+    if recipe == "hybrid-sr" and (split is not None or merge_ratio is not None or tome_ratio is not None):
+        raise click.UsageError("--split, --merge-ratio and --tome-ratio are MEG settings; Hybrid SR takes --sr-scale")
+    if target_size is not None:
+        width = height = target_size
     link_fields: dict[str, Any] = {"mode": mode, "fading": fading}
     if snr_db is None and distance_m is not None:
         snr_db = float(MEG_LINK_BUDGET.snr_db(distance_m))
@@ -180,14 +201,21 @@ def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: in
         if value is not None:
             link_fields[name] = value
     sizes: dict[str, Any] = {k: v for k, v in (("width", width), ("height", height)) if v is not None}
-    plan = (make_plan(split, steps=steps or DEFAULT_STEPS, merge_ratio=merge_ratio or 0.0, codec_chain=codec or "none",
-                      tome_ratio=tome_ratio or 0.0) if split else None)
+    if recipe == "hybrid-sr":
+        plan = (hybrid_plan(steps=steps or DEFAULT_STEPS, sr_scale=int(sr_scale),
+                            foreground_fraction=HybridSrConfig.foreground_fraction if foreground_fraction is None
+                            else foreground_fraction, codec_chain=codec or HybridSrConfig.codec_chain)
+                if sr_scale is not None else None)
+    else:
+        plan = (make_plan(split, steps=steps or DEFAULT_STEPS, merge_ratio=merge_ratio or 0.0,
+                          codec_chain=codec or "none", tome_ratio=tome_ratio or 0.0) if split else None)
     request = DeviceRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, device_profile=device_profile,
                             link=dataclasses.replace(LinkConfig(), **link_fields), distance_m=distance_m or 0.0,
-                            latency_limit_s=latency_limit_s, energy_limit_j=energy_limit_j, plan=plan, **sizes)
+                            latency_limit_s=latency_limit_s, energy_limit_j=energy_limit_j, plan=plan, recipe=recipe,
+                            **sizes)
     config = ClientConfig(deadline_s=deadline_s, token=token, runtime=runtime,  # type: ignore[arg-type]
                           tls=_tls(tls_cert, tls_key, tls_ca, tls_server_name), model=model,
-                          fallback=not no_fallback)
+                          fallback=not no_fallback, light_sr=light_sr, sr_model=sr_model)
     tune_malloc()  # this process receives 1 MiB messages: reuse their freed buffers
     with DeviceClient(list(edges), config) as client:
         result = client.generate(request, reference=reference)
@@ -219,6 +247,11 @@ def print_summary(report: GenerationReport) -> None:
     table.add_row("modelled latency / energy",
                   f"{report.latency_s.modelled_total * 1e3:.2f} ms / {report.energy_j.modelled_total:.3g} J")
     table.add_row("measured wall", f"{report.latency_s.measured_wall * 1e3:.1f} ms")
+    hybrid = report.extra.get("hybrid_sr")
+    if hybrid and "foreground_cells" in hybrid:
+        table.add_row("foreground cells (diffusion SR on the edge)", ", ".join(map(str, hybrid["foreground_cells"])) or "none")
+        table.add_row("bytes foreground / background", f"{hybrid['foreground_bytes']} / {hybrid['background_bytes']}")
+        table.add_row("measured overlap of the two paths", f"{hybrid['measured_overlap_s'] * 1e3:.1f} ms")
     if report.quality is not None:
         table.add_row("MSE vs reference", f"{report.quality.mse_vs_reference:.3g}")
     Console().print(table)
