@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
     "SplitPoint": "points",
     "GenerationInputs": "engine",
     "TensorSpec": "engine",
-    "PartitionFlops": "engine",
+    "PartitionFlops": "flops",
     "SplitEngine": "engine",
     "ToMeAdapter": "tome",
 }

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from meg.errors import DeadlineExceededError, InvalidInputError, NonFiniteError, SplitError
+from meg.split.flops import PartitionFlops, partition_flops
 from meg.split.points import SplitPoint
 from meg.split.tome import ToMeAdapter, unet_lock
 from meg.split.unet_stages import (
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from meg.codecs.merge import MergedLatent
     from meg.split.runtime import DeviceRuntime
 
-__all__ = ["GenerationInputs", "PartitionFlops", "Partitions", "SplitEngine", "TensorSpec", "TextConditioning"]
+__all__ = ["GenerationInputs", "Partitions", "SplitEngine", "TensorSpec", "TextConditioning"]
 
 ProgressFn = Callable[[str, int, int], None]
 StopFn = Callable[[], bool]
@@ -99,21 +100,6 @@ class TensorSpec:
     def nbytes_fp16(self) -> int:
         """Raw size in bytes when sent as fp16 (2 bytes per element)."""
         return 2 * self.numel
-
-
-@dataclass(frozen=True)
-class PartitionFlops:
-    """FLOPs (``torch.utils.flop_counter``: matmul, conv, attention) of each partition.
-
-    ``*_flops`` are per image (the whole partition); ``*_flops_per_step`` are one
-    denoising step on that side (UNet batch 2B with guidance), 0 when the side runs no
-    full step; for ``unet:B`` the edge's value is its part of step 1.
-    """
-
-    edge_flops: float
-    device_flops: float
-    edge_flops_per_step: float
-    device_flops_per_step: float
 
 
 @dataclass(frozen=True)
@@ -627,8 +613,6 @@ class SplitEngine:
     # ------------------------------------------------------------------ cost
     def flops(self, split: SplitPoint, inputs: GenerationInputs, *, tome_ratio: float = 0.0) -> PartitionFlops:
         """FLOPs per partition, counted with ``torch.utils.flop_counter`` (see `PartitionFlops`)."""
-        from meg.split.flops import partition_flops
-
         self.check(inputs, split)
         return partition_flops(self, split, inputs, tome_ratio=tome_ratio)
 

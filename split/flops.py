@@ -23,6 +23,7 @@ ToMe ratio, so merging shows up as fewer edge FLOPs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,9 +33,25 @@ from meg.split.points import SplitPoint
 from meg.split.unet_stages import unet_begin, unet_block_names, unet_end, unet_run_blocks
 
 if TYPE_CHECKING:
-    from meg.split.engine import GenerationInputs, PartitionFlops, SplitEngine
+    # Annotations only: the engine imports this module, not the other way round.
+    from meg.split.engine import GenerationInputs, SplitEngine
 
-__all__ = ["StageFlops", "partition_flops", "stage_flops"]
+__all__ = ["PartitionFlops", "StageFlops", "partition_flops", "stage_flops"]
+
+
+@dataclass(frozen=True)
+class PartitionFlops:
+    """FLOPs (``torch.utils.flop_counter``: matmul, conv, attention) of each partition.
+
+    ``*_flops`` are per image (the whole partition); ``*_flops_per_step`` are one
+    denoising step on that side (UNet batch 2B with guidance), 0 when the side runs no
+    full step; for ``unet:B`` the edge's value is its part of step 1.
+    """
+
+    edge_flops: float
+    device_flops: float
+    edge_flops_per_step: float
+    device_flops_per_step: float
 
 
 class StageFlops(dict[str, float]):
@@ -114,8 +131,6 @@ def partition_flops(
     engine: SplitEngine, split: SplitPoint, inputs: GenerationInputs, *, tome_ratio: float = 0.0
 ) -> PartitionFlops:
     """Edge and device FLOPs of ``split`` (see the table in this module's docstring)."""
-    from meg.split.engine import PartitionFlops
-
     engine.tome.check_ratio(tome_ratio)
     s = stage_flops(
         engine, inputs, tome_ratio=tome_ratio, boundary=split.index if split.kind == "unet" else None

@@ -4,8 +4,10 @@ Three kinds of model argument:
 
 - ``"tiny-random"``: built from configs in code (`meg.split.tiny`), seeded weights;
   ``"tiny-random-xl"``: the same at the SDXL layout (two text encoders).
-- ``"meg-tiny"`` (and any other name `meg.models.registry.available()` lists): the
-  project's own model family, loaded by `meg.models.registry.load_pipeline`.
+- any other name: loaded by the registered model source that serves it
+  (`meg.split.sources`); importing `meg.models` registers the project's own family, so
+  ``"meg-tiny"`` loads wherever `meg.models` has been imported (the CLI and the services
+  import it).
 - a path to a local diffusers pipeline folder (``model_index.json`` at its root), e.g. an
   SD 1.5, SD-Turbo or SDXL snapshot. Loading never touches a hub: ``HF_HUB_OFFLINE`` is
   set when unset, ``local_files_only=True`` is always passed, and only safetensors
@@ -14,8 +16,6 @@ Three kinds of model argument:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -25,20 +25,20 @@ import torch
 from diffusers import DiffusionPipeline
 
 from meg.errors import ModelNotFoundError
+from meg.split.sources import model_source_for, model_sources
 
 __all__ = ["TINY_RANDOM", "TINY_RANDOM_XL", "load_pipeline", "native_size_px"]
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_XL = "tiny-random-xl"
-_REGISTRY_MODULE = "meg.models.registry"
 
 
 def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.float32) -> Any:
     """Load a diffusers text-to-image pipeline (components in eval mode, on CPU).
 
     Args:
-        model: ``"tiny-random"``, ``"tiny-random-xl"``, a registry name such as
-            ``"meg-tiny"``, or a local folder.
+        model: ``"tiny-random"``, ``"tiny-random-xl"``, a local folder, or a name that a
+            registered model source serves, such as ``"meg-tiny"``.
         torch_dtype: dtype of the weights.
 
     Returns:
@@ -46,8 +46,8 @@ def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.
         ``StableDiffusionXLPipeline`` for SDXL folders).
 
     Raises:
-        ModelNotFoundError: the name is unknown, the folder is missing or incomplete, or
-            the registry that serves the name is not installed.
+        ModelNotFoundError: no source serves the name, the folder is missing or
+            incomplete, or the source cannot load the name.
     """
     if model in (TINY_RANDOM, TINY_RANDOM_XL):
         from meg.split.tiny import build_tiny_random_pipeline, build_tiny_random_xl_pipeline
@@ -57,18 +57,15 @@ def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.
     path = Path(model).expanduser()
     if path.is_dir():
         return _load_folder(path, torch_dtype)
-    registry = _registry()
-    if model == "meg-tiny" and registry is None:
-        raise ModelNotFoundError(
-            f"model {model!r} is served by {_REGISTRY_MODULE}, which is not installed"
-        )
-    if registry is not None and (model == "meg-tiny" or model in registry.available()):
-        # The registry raises its own ModelNotFoundError (e.g. weights not trained yet).
-        pipeline = registry.load_pipeline(model)
+    source = model_source_for(model)
+    if source is not None:
+        # The source raises its own ModelNotFoundError (e.g. weights not trained yet).
+        pipeline = source.load_pipeline(model)
         return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)
+    sources = ", ".join(s.name for s in model_sources()) or "none; importing meg.models registers meg-tiny"
     raise ModelNotFoundError(
-        f"unknown model {model!r}: not {TINY_RANDOM!r}, not a registry name, "
-        "and not a local diffusers folder"
+        f"unknown model {model!r}: not {TINY_RANDOM!r}, not a local diffusers folder, "
+        f"and no registered model source serves it (sources: {sources})"
     )
 
 
@@ -76,12 +73,6 @@ def native_size_px(pipeline: Any) -> int:
     """Image side length (pixels) the pipeline's UNet was built for: sample_size × VAE factor."""
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     return int(pipeline.unet.config.sample_size) * vae_scale
-
-
-def _registry() -> Any | None:
-    if importlib.util.find_spec(_REGISTRY_MODULE) is None:
-        return None
-    return importlib.import_module(_REGISTRY_MODULE)
 
 
 def _load_folder(path: Path, torch_dtype: torch.dtype) -> Any:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from meg.errors import ModelNotFoundError
-from meg.split import loading
+from meg.split import sources
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.loading import load_pipeline
 from meg.split.tiny import build_tiny_tokenizer
@@ -90,36 +90,36 @@ def test_incomplete_folder_is_a_model_not_found(tmp_path: Path) -> None:
         load_pipeline(str(tmp_path / "sd"))
 
 
-def test_meg_tiny_without_registry_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "_registry", lambda: None)
-    with pytest.raises(ModelNotFoundError, match=r"meg\.models\.registry"):
+def test_meg_tiny_without_a_source_names_the_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "_SOURCES", {})
+    with pytest.raises(ModelNotFoundError, match=r"'meg-tiny'.*importing meg\.models registers"):
         load_pipeline("meg-tiny")
 
 
-def test_registry_names_are_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_importing_meg_models_registers_the_embedded_family() -> None:
+    import meg.models  # noqa: F401
+
+    source = sources.model_source_for("meg-tiny")
+    assert source is not None and source.name == "meg.models"
+
+
+def test_names_are_delegated_to_the_source_that_serves_them(monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = load_pipeline("tiny-random")
 
-    class FakeRegistry:
+    class FakeSource:
+        name = "fake"
         calls: list[str] = []
 
-        @staticmethod
-        def available() -> list[str]:
-            return ["meg-tiny"]
+        def serves(self, model: str) -> bool:
+            return model == "meg-tiny"
 
-        @classmethod
-        def load_pipeline(cls, name: str) -> object:
-            cls.calls.append(name)
+        def load_pipeline(self, model: str) -> object:
+            self.calls.append(model)
             return tiny
 
-        @staticmethod
-        def available_none() -> list[str]:
-            return []
-
-    monkeypatch.setattr(loading, "_registry", lambda: FakeRegistry)
+    monkeypatch.setattr(sources, "_SOURCES", {})
+    sources.register_model_source(FakeSource())
     assert load_pipeline("meg-tiny") is tiny
-    # meg-tiny always goes to the registry, which names what is missing when it cannot load.
-    monkeypatch.setattr(FakeRegistry, "available", FakeRegistry.available_none)
-    assert load_pipeline("meg-tiny") is tiny
-    assert FakeRegistry.calls == ["meg-tiny", "meg-tiny"]
-    with pytest.raises(ModelNotFoundError, match="'other'"):
+    assert FakeSource.calls == ["meg-tiny"]
+    with pytest.raises(ModelNotFoundError, match=r"'other'.*sources: fake"):
         load_pipeline("other")

@@ -33,6 +33,8 @@ from typing import Any
 
 import click
 
+import meg.models  # noqa: F401  (registers meg-tiny as a model source; light: no torch)
+
 __all__ = ["EXIT_CODES", "LazyGroup", "exit_code_for", "main", "quiet_third_party"]
 
 # name -> ("module:attribute", one-line help shown by `meg --help`)
@@ -44,7 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("meg.models.cli:eval_group", "Measure a model family: prompt fidelity, decoder MSE, judge."),
     "generate": ("meg.services.cli:generate", "Generate an image as the user device, with an edge's help."),
     "serve": ("meg.services.cli:serve", "Run the edge server or the policy service."),
-    "devices": ("meg.devices.cli:devices", "Device profiles (latency/energy models) and calibration."),
+    "devices": ("meg.cli.devices:devices", "Device profiles (latency/energy models) and calibration."),
     "export-onnx": ("meg.split.onnx_cli:export_onnx", "Export a split's device partition to ONNX (cached)."),
     "policy": ("meg.policy.cli:policy", "Plan split/steps/merge under limits: profile, train (CVPO, PPO), eval."),
 }
