@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,14 @@ from test_onnx_export import tiny_unet, tiny_vae
 
 import meg.devices.calibrate as calibration
 from meg.cli import cli
-from meg.devices import DeviceProfile, count_flops, list_profiles, load_profile, radio_energy_j
+from meg.devices import (
+    DeviceProfile,
+    count_architecture_flops,
+    count_flops,
+    list_profiles,
+    load_profile,
+    radio_energy_j,
+)
 from meg.devices.calibrate import CalibrationConfig, StageTiming, calibrate, fit_latency_model
 from meg.errors import InvalidInputError
 
@@ -78,6 +86,18 @@ def test_count_flops_matches_closed_forms() -> None:
     q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 24, 8), torch.randn(1, 2, 24, 8)
     attention = torch.nn.functional.scaled_dot_product_attention
     assert count_flops(lambda: attention(q, k, v)) == 2 * (2 * 1 * 2 * 16 * 24 * 8)
+
+
+@pytest.mark.slow
+def test_cost_architecture_flops_are_the_ones_the_policy_tables_record() -> None:
+    """The policy's cost FLOPs come from the same counter as the split's: same numbers."""
+    import meg.policy
+
+    table = json.loads((Path(meg.policy.__file__).parent / "tables" / "meg-tiny.json").read_text())
+    recorded = table["cost_flops"]["by_resolution"]["512"]
+    assert count_architecture_flops("sdxl", 512, 512) == recorded
+    with pytest.raises(InvalidInputError, match="'sd3'"):
+        count_architecture_flops("sd3", 512, 512)  # type: ignore[arg-type]
 
 
 def test_fit_recovers_a_known_line_and_refuses_nonsense() -> None:

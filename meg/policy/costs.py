@@ -7,7 +7,7 @@ MEG's cost model (PAPERS.md §1, "Costs"), vectorised over requests and candidat
 
 κ, ε and the overheads come from `meg.devices` profiles (their `compute_latency_s` /
 `compute_energy_j` are affine in FLOPs, so two calls recover slope and intercept exactly);
-FLOPs come from the cost architecture counted in `meg.policy.flops`; the airtime is the
+FLOPs come from the cost architecture counted in `meg.devices.flops`; the airtime is the
 number of bits that cross divided by the Shannon rate B·log2(1 + SNR).
 """
 

@@ -60,7 +60,7 @@ class DistortionTable:
         steps, merge_ratios, noise_sigmas: the grid axes (ascending).
         points: every measured point.
         flops: FLOPs per partition of the profiled model, keyed "split@steps".
-        cost_flops: FLOPs of the cost architecture per resolution (see `meg.policy.flops`).
+        cost_flops: FLOPs of the cost architecture per resolution (see `meg.devices.flops`).
         mse_floor: smallest MSE the reward uses (a bit-exact result has MSE 0 and
             −log 0 is unbounded); half the 8-bit quantisation noise power by default.
     """

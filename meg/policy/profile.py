@@ -7,7 +7,7 @@ merged tokens at every σ — AWGN at feature SNR = −20·log10 σ, i.e. noise 
 on the power-normalised tokens), and the device unmerges and decodes it; the "image" split sends the 8-bit image; the "device" split runs
 everything on the device. Each point records the mean and std of the MSE over prompts.
 The table also records FLOPs per partition of the profiled model and the FLOPs of the
-cost architecture (`meg.policy.flops`) that the environment's cost model uses.
+cost architecture (`meg.devices.flops`) that the environment's cost model uses.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from meg.devices.flops import count_architecture_flops
 from meg.errors import InvalidInputError
 from meg.policy.distortion import MERGED_SPLITS, NOISY_SPLITS, DistortionTable, MeasuredPoint
-from meg.policy.flops import count_architecture_flops
 
 __all__ = ["DEFAULT_PROMPTS", "ProfileConfig", "profile_distortion"]
 
