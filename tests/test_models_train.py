@@ -96,13 +96,22 @@ def test_random_crops_are_the_named_windows() -> None:
         assert torch.equal(crops[i], x[i, :, y : y + 8, c : c + 8])
 
 
-def test_shipped_recipe_is_cpu_sized() -> None:
+def test_default_budget_is_cpu_sized() -> None:
     # the family retrains on a 2-core CPU: fully convolutional VAE on crops, min-SNR teacher
     family, train = FamilyConfig(), TrainConfig()
     vae = build_vae(family)
     assert not family.vae_mid_attention and vae.config.mid_block_add_attention is False
     assert train.vae_crop < family.image_size and train.decoder_crop < family.image_size
     assert train.teacher_min_snr > 0
+
+
+def test_training_budget_is_an_option_named_budget() -> None:
+    # "recipe" names the paper systems (`meg demo --recipe`), not a training budget
+    from meg.cli import cli
+
+    for command in ("all", "teacher"):
+        result = CliRunner().invoke(cli, ["train", command, "--help"])
+        assert result.exit_code == 0 and "--budget [cpu|gpu]" in result.output and "--recipe" not in result.output
 
 
 def test_guidance_is_tuned_on_validation_prompts_only(trained: Session) -> None:
@@ -121,7 +130,7 @@ def test_guidance_is_tuned_on_validation_prompts_only(trained: Session) -> None:
     assert registry.default_guidance(model, "student") == FamilyConfig.smoke().student_guidance
 
 
-def test_gpu_recipe_is_the_recipe_of_the_shipped_weights() -> None:
+def test_gpu_budget_is_the_config_of_the_shipped_weights() -> None:
     from dataclasses import asdict
 
     shipped = json.loads((registry.model_dir("meg-tiny") / "training.json").read_text())
@@ -148,7 +157,7 @@ def test_frozen_text_teacher_and_absolute_decoder_loss(tmp_path: Path) -> None:
         replace(session.train, decoder_loss="relative_l1")
 
 
-def test_decoder_continue_trains_vae_merge_and_keeps_the_recipe(trained: Session, tmp_path: Path) -> None:
+def test_decoder_continue_trains_vae_merge_and_keeps_the_recorded_configs(trained: Session, tmp_path: Path) -> None:
     import shutil
 
     from meg.cli import cli
@@ -156,7 +165,7 @@ def test_decoder_continue_trains_vae_merge_and_keeps_the_recipe(trained: Session
     model = tmp_path / "model"
     shutil.copytree(trained.model_dir, model)
     before_json = json.loads((model / "training.json").read_text())
-    del before_json["train"]["decoder_loss"]  # a record older than a config field keeps its recipe as recorded
+    del before_json["train"]["decoder_loss"]  # a record older than a config field keeps its configs as recorded
     (model / "training.json").write_text(json.dumps(before_json))
     before = load_file(model / "vae_merge" / "diffusion_pytorch_model.safetensors")
     args = ["train", "decoder-continue", "--model-dir", str(model), "--work-dir", str(tmp_path / "work"), "--device", "cpu",
@@ -178,7 +187,7 @@ def test_decoder_continue_trains_vae_merge_and_keeps_the_recipe(trained: Session
         assert refused.exit_code != 0 and name in refused.output and bad in refused.output
 
 
-def test_teacher_continue_trains_the_teacher_only_and_keeps_the_recipe(trained: Session, tmp_path: Path) -> None:
+def test_teacher_continue_trains_the_teacher_only_and_keeps_the_recorded_configs(trained: Session, tmp_path: Path) -> None:
     import shutil
 
     from meg.cli import cli
@@ -210,7 +219,7 @@ def test_teacher_continue_trains_the_teacher_only_and_keeps_the_recipe(trained: 
     assert torch.isfinite(image).all()
 
 
-def test_distill_continue_trains_both_students_from_the_teacher_and_keeps_the_recipe(trained: Session, tmp_path: Path) -> None:
+def test_distill_continue_trains_both_students_from_the_teacher_and_keeps_the_recorded_configs(trained: Session, tmp_path: Path) -> None:
     import shutil
 
     from meg.cli import cli

@@ -19,7 +19,7 @@ __all__ = ["eval_group", "train"]
 _STAGE_ORDER = ("data", "vae", "text", "teacher", "distill", "judge", "decoder", "small")
 
 
-def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress: bool = True, recipe: str = "cpu", threads: int = 0):
+def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress: bool = True, budget: str = "cpu", threads: int = 0):
     import torch
 
     from meg.models.family import FamilyConfig
@@ -37,8 +37,8 @@ def _session(work_dir: Path, model_dir: Path, device: str, smoke: bool, progress
     return Session(
         work_dir=work_dir,
         model_dir=model_dir,
-        family=FamilyConfig.smoke() if smoke else FamilyConfig.gpu() if recipe == "gpu" else FamilyConfig(),
-        train=TrainConfig.smoke() if smoke else TrainConfig.gpu() if recipe == "gpu" else TrainConfig(),
+        family=FamilyConfig.smoke() if smoke else FamilyConfig.gpu() if budget == "gpu" else FamilyConfig(),
+        train=TrainConfig.smoke() if smoke else TrainConfig.gpu() if budget == "gpu" else TrainConfig(),
         device=torch.device(device),
         progress=progress,
     )
@@ -58,7 +58,7 @@ def _where_options(fn):
 def _options(fn):
     fn = _where_options(fn)
     fn = click.option("--tiny", "smoke", is_flag=True, help="Miniature models and a few steps (smoke test).")(fn)
-    fn = click.option("--recipe", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+    fn = click.option("--budget", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
                       help="cpu: the family sized to retrain on a 2-core CPU in < 90 min; gpu: the larger family "
                            "of the shipped weights.")(fn)  # fmt: skip
     return fn
@@ -75,10 +75,10 @@ def train() -> None:
 
 def _make_stage_command(name: str) -> click.Command:
     @_options
-    def command(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, recipe: str) -> None:
+    def command(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, budget: str) -> None:
         from meg.models.stages import run_stage
 
-        session = _session(work_dir, model_dir, device, smoke, recipe=recipe, threads=threads)
+        session = _session(work_dir, model_dir, device, smoke, budget=budget, threads=threads)
         elapsed = run_stage(session, name)
         click.echo(f"{name}: {elapsed:.1f} s on {session.device}; wrote {model_dir}")
 
@@ -92,7 +92,7 @@ for _name in _STAGE_ORDER:
 
 def _recorded_session(work_dir: Path, model_dir: Path, device: str, threads: int):
     """A session with the family's own recorded configs (training.json; fields the record
-    lacks take the defaults) that leaves the recorded recipe as it was."""
+    lacks take the defaults) that leaves the recorded configs as they were."""
     from dataclasses import fields
 
     from meg.models.family import FamilyConfig
@@ -128,7 +128,7 @@ def _continue_options(fn):
 def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, lr: float, crop: int, loss: str, pool: int) -> None:
     """Continue training the family's merge-aware decoder (vae_merge) on a CPU-sized budget.
 
-    Keeps the family's recipe in training.json and records the continuation under
+    Keeps the family's recorded configs in training.json and records the continuation under
     "decoder_continue"; measure with `meg eval decoder`.
     """
     from meg.models.stages import continue_decoder
@@ -147,8 +147,8 @@ def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
 @click.option("--min-snr", type=float, default=0.0, show_default=True, help="Min-SNR-γ loss weighting (0: off).")
 @click.option("--scenes", type=int, default=16_384, show_default=True, help="Fresh training-distribution scenes to train on.")
 @click.option("--captions", type=click.Choice(CAPTION_STYLES), default="templates", show_default=True,
-              help="templates: the recipe's caption templates; augmented: many more phrasings (meg.models.paraphrase).")  # fmt: skip
-@click.option("--captions-per-scene", type=int, default=None, help="Captions drawn per scene (default: the recipe's).")
+              help="templates: the family's caption templates; augmented: many more phrasings (meg.models.paraphrase).")  # fmt: skip
+@click.option("--captions-per-scene", type=int, default=None, help="Captions drawn per scene (default: the recorded training config's).")
 @click.option("--object-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Extra loss weight of latent pixels covered by objects (0: plain loss).")  # fmt: skip
 @click.option("--scene-seed", type=int, default=505, show_default=True, help="Seed offset of the fresh scenes and their captions.")
@@ -156,7 +156,7 @@ def teacher_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
                      captions: str, captions_per_scene: int | None, object_weight: float, scene_seed: int) -> None:  # fmt: skip
     """Continue training the family's teacher UNet (text encoder frozen) on a CPU-sized budget.
 
-    Keeps the family's recipe in training.json and records the continuation under
+    Keeps the family's recorded configs in training.json and records the continuation under
     "teacher_continue"; measure with `meg eval fidelity --unet teacher`.
     """
     from meg.models.stages import continue_teacher
@@ -196,12 +196,12 @@ def distill_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
 @_options
 @click.option("--skip-eval", is_flag=True, help="Do not measure the family after training.")
 @click.option("--from-stage", type=click.Choice(_STAGE_ORDER), default="data", show_default=True)
-def train_all(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, recipe: str, skip_eval: bool, from_stage: str) -> None:
+def train_all(work_dir: Path, model_dir: Path, device: str, smoke: bool, threads: int, budget: str, skip_eval: bool, from_stage: str) -> None:
     """Every stage in order, then the family's measurements and model cards."""
     from meg.models.cards import write_cards
     from meg.models.stages import run_stage
 
-    session = _session(work_dir, model_dir, device, smoke, recipe=recipe, threads=threads)
+    session = _session(work_dir, model_dir, device, smoke, budget=budget, threads=threads)
     t0 = time.perf_counter()
     for name in _STAGE_ORDER[_STAGE_ORDER.index(from_stage):]:
         elapsed = run_stage(session, name)

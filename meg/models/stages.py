@@ -687,7 +687,8 @@ def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr:
 
     The pool: `pool` fresh training-distribution scenes, encoded (real latents), and the
     student's samples of their captions (the latents MEG's device decodes). The family's
-    recipe (`session.train`) is left as it was; the continuation's own settings are recorded.
+    recorded training config (`session.train`) is left as it was; the continuation's own
+    settings are recorded.
     """
     from meg.models.evaluate import student_latents
 
@@ -710,9 +711,9 @@ def continue_teacher(session: Session, *, steps: int, batch: int, lr: float, min
                      captions_per_scene: int | None = None, object_weight: float = 0.0, scene_seed: int = 505) -> float:  # fmt: skip
     """Continue training the family's teacher (model_dir/teacher_unet, text encoder frozen) on
     `scenes` fresh training-distribution scenes (seed `train.seed + scene_seed`) with
-    `captions_per_scene` captions each (default: the recipe's) in `captions` style, loss
+    `captions_per_scene` captions each (default: the training config's) in `captions` style, loss
     weighted towards objects by `object_weight`; recorded under "teacher_continue"; returns
-    the wall time. The recipe is left as it was."""
+    the wall time. The recorded training config is left as it was."""
     from transformers import PreTrainedTokenizerFast
 
     from meg.models.paraphrase import paraphrase_scene
@@ -753,8 +754,8 @@ def continue_distill(session: Session, *, targets: tuple[str, ...], steps: int, 
     each target trains `steps` steps from its shipped weights and is recorded under
     "{stage}_continue" (distill_continue, small_continue); returns the wall time.
 
-    Both targets share one set of trajectories, so the teacher runs once. The recipe is left
-    as it was.
+    Both targets share one set of trajectories, so the teacher runs once. The recorded
+    training config is left as it was.
     """
     from dataclasses import replace
 

@@ -144,7 +144,7 @@ class Session:
     cache: dict[str, Any] = field(default_factory=dict)
     record_configs: bool = True
     """Whether `record` writes `family` and `train` into training.json (off when continuing a
-    trained family, whose recorded recipe must stay as it was)."""
+    trained family, whose recorded configs must stay as they were)."""
 
     def stage_dir(self, stage: str) -> Path:
         path = self.work_dir / stage
