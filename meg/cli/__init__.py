@@ -132,6 +132,7 @@ def cli() -> None:
 def quiet_third_party() -> None:
     """Silence third-party notices (transformers' optional torchvision backends, diffusers'
     missing `accelerate`): they say nothing about the user's command. Errors still show."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
     for name in ("transformers", "diffusers"):
         os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
         if name in sys.modules:  # already imported: its logger read the variable before
