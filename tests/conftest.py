@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -17,3 +18,19 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Any:
+    """The seeded random-weight test pipeline (tiny-random), one per test module."""
+    from meg.split.loading import load_pipeline
+
+    torch.manual_seed(0)
+    return load_pipeline("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def engine(pipeline: Any) -> Any:
+    from meg.split.engine import SplitEngine
+
+    return SplitEngine(pipeline)

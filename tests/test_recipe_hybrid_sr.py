@@ -18,16 +18,9 @@ from meg.services.background import RunningServer, ServiceLoop, start_edge
 from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
 from meg.services.edge import EdgeConfig
 from meg.split.engine import SplitEngine
-from meg.split.loading import load_pipeline
 
 PROMPT = "a red circle at the top left"
 TARGET = 128  # tiny-random generates 64 px natively: S = 2
-
-
-@pytest.fixture(scope="module")
-def pipeline() -> Any:
-    torch.manual_seed(0)
-    return load_pipeline("tiny-random")
 
 
 @pytest.fixture(scope="module")

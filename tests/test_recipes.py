@@ -31,22 +31,10 @@ from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
 from meg.services.edge import EdgeConfig
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.features import merge_noise_unmerge, noise_sigma_link, send_feature, through_link
-from meg.split.loading import load_pipeline
 from meg.split.points import SplitPoint
 from meg.v1 import generation_pb2 as gen_pb
 
 PROMPT = "a red circle"
-
-
-@pytest.fixture(scope="module")
-def pipeline() -> Any:
-    torch.manual_seed(0)
-    return load_pipeline("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def engine(pipeline: Any) -> SplitEngine:
-    return SplitEngine(pipeline)
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,28 @@ __all__ = [
     "DeviceOutput",
     "EdgeContext",
     "EdgeJob",
+    "ModelStore",
     "Outgoing",
     "Recipe",
     "UplinkInbox",
 ]
 
 ProgressFn = Callable[[str, int, int], None]
+
+
+class ModelStore:
+    """Models and runtimes a recipe loads on first use, shared by every request of one side."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, key: str, load: Callable[[], Any]) -> Any:
+        """The item under ``key``, loaded once by ``load()`` (thread-safe)."""
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = load()
+            return self._items[key]
 
 
 @dataclass
@@ -61,15 +77,10 @@ class EdgeContext:
     """Name of the served pipeline (`load_pipeline` name or folder)."""
     config: Any = None
     """The edge's `EdgeConfig` (recipe options such as ``sr_model`` live there)."""
-    store: dict[str, Any] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    store: ModelStore = field(default_factory=lambda: ModelStore())
 
     def cached(self, key: str, load: Callable[[], Any]) -> Any:
-        """``store[key]``, loaded once by ``load()`` (thread-safe)."""
-        with self.lock:
-            if key not in self.store:
-                self.store[key] = load()
-            return self.store[key]
+        return self.store.cached(key, load)
 
 
 class UplinkInbox:
@@ -151,14 +162,10 @@ class DeviceContext:
     device_profile: str | None
     config: Any = None
     """The client's `ClientConfig` (runtime kind, cache folder, recipe options such as ``light_sr``)."""
-    store: dict[str, Any] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    store: ModelStore = field(default_factory=lambda: ModelStore())
 
     def cached(self, key: str, load: Callable[[], Any]) -> Any:
-        with self.lock:
-            if key not in self.store:
-                self.store[key] = load()
-            return self.store[key]
+        return self.store.cached(key, load)
 
 
 @dataclass

@@ -415,7 +415,7 @@ class DeviceClient:
                                               device_profile=None, config=self.config)
         # one engine and runtime cache for every request; the profile is the request's
         return DeviceContext(engine=self._context.engine, runtime=self._runtime, device_profile=device_profile,
-                             config=self.config, store=self._context.store, lock=self._context.lock)
+                             config=self.config, store=self._context.store)
 
     def _runtime(self, height: int, width: int, parts: tuple[str, ...]) -> Any:
         """The device runtime for ``parts`` at one resolution (exports ONNX on first use)."""
