@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from meg.channel.link import DigitalReport, LinkEmulator
@@ -191,6 +192,7 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         try:
             if self.context is None or self.pool is None:
                 raise UnavailableError("edge is not ready: the model is still loading")
+            request_iterator = _parsed(request_iterator)
             try:
                 first = await anext(aiter(request_iterator))
             except StopAsyncIteration:
@@ -449,6 +451,21 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
             return emulator.send_packets(sizes)
         # per-packet error draws (and real-time sleeping) stay off the event loop
         return await asyncio.to_thread(emulator.send_packets, sizes)
+
+
+async def _parsed(messages: AsyncIterator[edge_pb.GenerateRequest]) -> AsyncIterator[edge_pb.GenerateRequest]:
+    """The request stream, with bytes that do not parse as a `GenerateRequest` turned into
+    the client's error (INVALID_ARGUMENT) instead of a server one."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            message = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except DecodeError as exc:
+            raise InvalidInputError(f"a request message is not a valid meg.v1.GenerateRequest ({exc})",
+                                    field="request") from None
+        yield message
 
 
 def _observation(request: gen_pb.GenerationRequest) -> policy_pb.Observation:

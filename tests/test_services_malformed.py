@@ -1,0 +1,54 @@
+"""Bytes that are not a `GenerateRequest` are the client's fault: INVALID_ARGUMENT, and the
+edge keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from meg.recipes.plan import make_plan, plan_to_proto
+from meg.services.background import RunningServer, ServiceLoop, start_edge
+from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
+from meg.services.edge import EdgeConfig
+from meg.v1 import edge_service_pb2 as edge_pb
+from meg.v1 import generation_pb2 as gen_pb
+
+GENERATE = "/meg.v1.EdgeService/Generate"
+
+
+@pytest.fixture(scope="module")
+def edge(pipeline: Any) -> Iterator[RunningServer]:
+    loop = ServiceLoop()
+    server = start_edge(EdgeConfig(port=0, model="tiny-random"), pipeline=pipeline, loop=loop)
+    yield server
+    server.stop(0)
+    loop.close()
+
+
+def _start_bytes() -> bytes:
+    request = gen_pb.GenerationRequest(prompt="a red circle", seed=1)
+    request.plan_override.CopyFrom(plan_to_proto(make_plan("decoder", steps=1)))
+    return edge_pb.GenerateRequest(start=request).SerializeToString()
+
+
+@pytest.mark.parametrize("stream", [
+    [b"\xff\xff\xff"],                      # not protobuf at all
+    [b"\x0a\x05\x12\x03abc\x00\x00"],       # a field that runs past the message's end
+    [_start_bytes()[:-3]],                  # a truncated start
+    [_start_bytes(), b"\x12\xff"],          # a good start, then a broken header message
+])
+def test_malformed_request_messages_are_invalid_argument(edge: RunningServer, pipeline: Any,
+                                                         stream: list[bytes]) -> None:
+    with grpc.insecure_channel(edge.address) as channel:
+        call = channel.stream_stream(GENERATE, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter(stream), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "meg.v1.GenerateRequest" in (info.value.details() or "")
+    # and the edge serves the next client as before
+    with DeviceClient(edge.address, ClientConfig(runtime="eager", fallback=False), pipeline=pipeline) as client:
+        result = client.generate(DeviceRequest(prompt="a blue square", plan=make_plan("decoder", steps=1)))
+    assert not result.report.fallback.used
