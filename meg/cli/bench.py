@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "split": ("meg.split.bench:bench_split", "Per split point: bytes, FLOPs, modelled latency, torch vs ONNX."),
     "engine": ("meg.split.bench_engine:bench_engine", "Split engine: run_full and per-split edge/device wall time."),
     "policy": ("meg.policy.bench:bench_policy", "Policy decide() latency: rule-based and learned planners."),
+    "meg-headline": ("meg.bench.headline:bench_headline", "MEG vs conventional edge generation at SDXL 1024² (modelled)."),
     "sr": ("meg.bench.sr:bench_sr", "Hybrid SR: light vs bicubic vs diffusion SR, partition IoU, seams, FLOPs."),
 }
 
