@@ -65,7 +65,7 @@ def loop() -> Iterator[ServiceLoop]:
 
 @pytest.fixture(scope="module")
 def edge(pipeline: Any, loop: ServiceLoop) -> Iterator[RunningServer]:
-    config = EdgeConfig(port=0, token=TOKEN, workers=1, queue_size=16, metrics_port=0)
+    config = EdgeConfig(model="tiny-random", port=0, token=TOKEN, workers=1, queue_size=16, metrics_port=0)
     server = start_edge(config, pipeline=pipeline, loop=loop)
     yield server
     server.stop(0)
@@ -139,7 +139,7 @@ def test_remote_policy_over_tls_digital_link_and_onnxruntime(pipeline: Any, loop
     certs = write_test_certs(tmp_path)
     policy_tls = TlsConfig(cert_file=certs["server_cert"], key_file=certs["server_key"])
     policy = start_policy(PolicyServerConfig(port=0, token="policy-token", tls=policy_tls), loop=loop)
-    edge_config = EdgeConfig(port=0, policy_address=policy.address, policy_token="policy-token",
+    edge_config = EdgeConfig(model="tiny-random", port=0, policy_address=policy.address, policy_token="policy-token",
                              policy_tls=TlsConfig(ca_file=certs["ca"]))
     edge = start_edge(edge_config, pipeline=pipeline, loop=loop)
     try:
@@ -249,7 +249,7 @@ def test_mutual_tls_edge_refuses_a_client_without_certificate(pipeline: Any, loo
                                                               tmp_path: Path) -> None:
     certs = write_test_certs(tmp_path)
     server_tls = TlsConfig(cert_file=certs["server_cert"], key_file=certs["server_key"], ca_file=certs["ca"])
-    edge = start_edge(EdgeConfig(port=0, tls=server_tls), pipeline=pipeline, loop=loop)
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0, tls=server_tls), pipeline=pipeline, loop=loop)
     request = DeviceRequest(prompt=PROMPT, seed=3, plan=make_plan("decoder", steps=STEPS, codec_chain="none"))
     try:
         with_cert = TlsConfig(ca_file=certs["ca"], cert_file=certs["client_cert"], key_file=certs["client_key"])
@@ -280,7 +280,7 @@ def test_sixteen_concurrent_clients_complete(client: DeviceClient, engine: Split
 
 
 def test_overload_beyond_the_queue_is_resource_exhausted(pipeline: Any, loop: ServiceLoop) -> None:
-    edge = start_edge(EdgeConfig(port=0, workers=1, queue_size=1), pipeline=pipeline, loop=loop)
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0, workers=1, queue_size=1), pipeline=pipeline, loop=loop)
     try:
         slow = [edge_pb.GenerateRequest(start=_start(plan=make_plan("decoder", steps=12, codec_chain="none")))]
         with ThreadPoolExecutor(6) as pool:
@@ -299,7 +299,7 @@ def test_overload_beyond_the_queue_is_resource_exhausted(pipeline: Any, loop: Se
 
 def test_edge_killed_mid_stream_falls_back_then_restarted_edge_serves(pipeline: Any, loop: ServiceLoop,
                                                                       engine: SplitEngine) -> None:
-    edge = start_edge(EdgeConfig(port=0), pipeline=pipeline, loop=loop)
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0), pipeline=pipeline, loop=loop)
     port = edge.port
     config = ClientConfig(runtime="eager", connect_timeout_s=10)
     killed = threading.Event()
@@ -318,7 +318,7 @@ def test_edge_killed_mid_stream_falls_back_then_restarted_edge_serves(pipeline: 
         assert result.report.to_dict()["plan"]["split"] == "device" and result.report.to_dict()["bytes"]["downlink"] == 0
         assert torch.equal(result.image, _reference(engine, seed=9))  # same maths, all on the device
 
-        restarted = start_edge(EdgeConfig(port=port), pipeline=pipeline, loop=loop)
+        restarted = start_edge(EdgeConfig(model="tiny-random", port=port), pipeline=pipeline, loop=loop)
         try:
             again = device.generate(request)
         finally:
@@ -328,7 +328,7 @@ def test_edge_killed_mid_stream_falls_back_then_restarted_edge_serves(pipeline: 
 
 
 def test_round_robin_spreads_requests_and_skips_a_stopped_edge(pipeline: Any, loop: ServiceLoop) -> None:
-    edges = [start_edge(EdgeConfig(port=0), pipeline=pipeline, loop=loop) for _ in range(2)]
+    edges = [start_edge(EdgeConfig(model="tiny-random", port=0), pipeline=pipeline, loop=loop) for _ in range(2)]
     plan = make_plan("decoder", steps=1, codec_chain="none")
 
     def served(edge: RunningServer) -> float:
@@ -349,7 +349,7 @@ def test_round_robin_spreads_requests_and_skips_a_stopped_edge(pipeline: Any, lo
 def test_packet_lost_on_the_link_falls_back_and_says_why(pipeline: Any, loop: ServiceLoop) -> None:
     # No retransmissions over Rayleigh fading at the Shannon rate: each packet is lost with
     # probability 1 - 1/e, so the seeded link loses one of the answer's packets.
-    edge = start_edge(EdgeConfig(port=0, link=LinkConfig(max_retries=0)), pipeline=pipeline, loop=loop)
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0, link=LinkConfig(max_retries=0)), pipeline=pipeline, loop=loop)
     try:
         link = LinkConfig(mode="digital", fading="rayleigh", snr_db=2.2)
         request = DeviceRequest(prompt=PROMPT, link=link, plan=make_plan("decoder", steps=1, codec_chain="none"))
@@ -363,7 +363,7 @@ def test_packet_lost_on_the_link_falls_back_and_says_why(pipeline: Any, loop: Se
 
 def test_deadline_falls_back_to_the_device(pipeline: Any, loop: ServiceLoop) -> None:
     # A 2 kbit/s link in real time makes the ~1.3 kB answer take seconds: past the deadline.
-    edge = start_edge(EdgeConfig(port=0, realtime=True), pipeline=pipeline, loop=loop)
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0, realtime=True), pipeline=pipeline, loop=loop)
     try:
         slow_link = LinkConfig(mode="digital", rate_bps=2000.0, snr_db=40.0)
         request = DeviceRequest(prompt=PROMPT, link=slow_link, plan=make_plan("decoder", steps=STEPS, codec_chain="none"))
@@ -411,7 +411,7 @@ def test_client_cancellation_stops_the_edge_work(edge: RunningServer) -> None:
 
 
 def test_graceful_stop_drains_the_request_in_flight(pipeline: Any, loop: ServiceLoop) -> None:
-    edge = start_edge(EdgeConfig(port=0, grace_s=30), pipeline=pipeline, loop=loop)
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0, grace_s=30), pipeline=pipeline, loop=loop)
     stopper: list[threading.Thread] = []
 
     def stop_on_plan(message: edge_pb.GenerateResponse) -> None:
@@ -439,7 +439,7 @@ def test_health_turns_serving_only_once_the_model_is_loaded(pipeline: Any, loop:
         release.wait(30)
         return pipeline
 
-    edge = start_edge(EdgeConfig(port=0), loop=loop, loader=slow_loader, wait_ready=False)
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0), loop=loop, loader=slow_loader, wait_ready=False)
     try:
         with grpc.insecure_channel(edge.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -479,7 +479,7 @@ def test_meg_generate_writes_image_and_report(edge: RunningServer, tmp_path: Pat
 
     from meg.cli import cli
 
-    args = ["--edge", edge.address, "--prompt", PROMPT, "--token", TOKEN, "--runtime", "eager", "--split", "step:1",
+    args = ["--edge", edge.address, "--prompt", PROMPT, "--token", TOKEN, "--runtime", "eager", "--model", "tiny-random", "--split", "step:1",
             "--steps", str(STEPS), "--codec", "fp16,zstd:3", "--distance-m", "300", "--mode", "digital",
             "--reference", "--out", str(tmp_path)]
     result = CliRunner().invoke(cli, ["generate", *args], catch_exceptions=False)
@@ -539,7 +539,7 @@ def test_edge_uses_the_shipped_cvpo_policy_by_address(pipeline: Any, loop: Servi
     from meg.policy import load_policy
 
     policy = start_policy(PolicyServerConfig(port=0), policy=load_policy("cvpo"), loop=loop)
-    edge = start_edge(EdgeConfig(port=0, policy_address=policy.address), pipeline=pipeline, loop=loop)
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0, policy_address=policy.address), pipeline=pipeline, loop=loop)
     try:
         with DeviceClient(edge.address, ClientConfig(runtime="eager"), pipeline=pipeline) as device:
             link = LinkConfig(mode="digital", snr_db=2.2, bandwidth_hz=1e6)

@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("meg.models.cli:train", "Train the embedded meg-tiny model family (stages or all)."),
     "eval": ("meg.models.cli:eval_group", "Measure a model family: prompt fidelity, decoder MSE, judge."),
     "generate": ("meg.services.cli:generate", "Generate an image as the user device, with an edge's help."),
-    "serve": ("meg.services.cli:serve", "Run the edge server or the policy service."),
+    "serve": ("meg.services.serve_cli:serve", "Run the edge server or the policy service."),
     "devices": ("meg.cli.devices:devices", "Device profiles (latency/energy models) and calibration."),
     "export-onnx": ("meg.split.onnx_cli:export_onnx", "Export a split's device partition to ONNX (cached)."),
     "policy": ("meg.policy.cli:policy", "Plan split/steps/merge under limits: profile, train (CVPO, PPO), eval."),
@@ -109,10 +109,10 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help texts come from the registry, so listing commands imports nothing heavy.
         rows = [(name, self.lazy[name][1]) for name in sorted(self.lazy)]
-        rows += [
-            (name, (cmd.get_short_help_str(60) if (cmd := super().get_command(ctx, name)) else ""))
-            for name in super().list_commands(ctx)
-        ]
+        # (a loop, not a comprehension: zero-argument super() does not work inside one)
+        for name in super().list_commands(ctx):
+            command = super().get_command(ctx, name)
+            rows.append((name, command.get_short_help_str(60) if command else ""))
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(sorted(rows))

@@ -1,4 +1,4 @@
-"""`meg serve edge`, `meg serve policy` and `meg generate`.
+"""`meg serve policy` and `meg generate` (`meg serve edge` is in `meg.services.serve_cli`).
 
 Defaults come from the services' frozen dataclasses (`EdgeConfig`, `PolicyServerConfig`,
 `ClientConfig`, `DeviceRequest`), so they are defined once. Errors are reported by the one
@@ -16,84 +16,19 @@ import click
 from meg.recipes.meg import DEFAULT_STEPS
 from meg.recipes.report import GenerationReport
 from meg.services.client import ClientConfig, DeviceRequest
-from meg.services.edge import EdgeConfig
+from meg.services.edge_config import EdgeConfig
 from meg.services.policy_server import PolicyServerConfig
-from meg.services.security import TOKEN_ENV_VAR, TlsConfig
+from meg.services.security import TOKEN_ENV_VAR
+from meg.services.serve_cli import tls_config, tls_options
 
-__all__ = ["generate", "serve"]
-
-
-def _tls(cert: Path | None, key: Path | None, ca: Path | None, server_name: str | None = None) -> TlsConfig | None:
-    if cert is None and key is None and ca is None:
-        return None
-    return TlsConfig(cert_file=cert, key_file=key, ca_file=ca, server_name_override=server_name)
+__all__ = ["generate", "serve_policy_command"]
 
 
-_PATH = click.Path(dir_okay=False, path_type=Path)
-
-
-def _tls_options(fn: Any) -> Any:
-    fn = click.option("--tls-ca", type=_PATH, help="CA certificate (PEM); on a server it turns on mutual TLS.")(fn)
-    fn = click.option("--tls-key", type=_PATH, help="Private key (PEM).")(fn)
-    fn = click.option("--tls-cert", type=_PATH, help="Certificate (PEM).")(fn)
-    return fn
-
-
-@click.group("serve")
-def serve() -> None:
-    """Run a service: the edge server or the policy service (JSON logs on stderr)."""
-
-
-@serve.command("edge")
-@click.option("--host", default=EdgeConfig.host, show_default=True, help="Interface to bind (0.0.0.0 for all).")
-@click.option("--port", type=int, default=EdgeConfig.port, show_default=True, help="Port; 0 picks a free one.")
-@click.option("--model", default=EdgeConfig.model, show_default=True, help="Pipeline name or local diffusers folder.")
-@click.option("--workers", type=int, default=EdgeConfig.workers, show_default=True, help="Threads running model work.")
-@click.option("--queue-size", type=int, default=EdgeConfig.queue_size, show_default=True, help="Waiting requests before RESOURCE_EXHAUSTED.")
-@click.option("--policy-address", default=None, help="Remote PolicyService host:port (default: in-process rules).")
-@click.option("--policy-token", default=None, help="Bearer token for the remote policy service.")
-@click.option("--policy-tls-ca", type=_PATH, default=None, help="CA certificate of a TLS policy service (PEM).")
-@click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
-@_tls_options
-@click.option("--realtime", is_flag=True, help="Sleep for the emulated link's airtime.")
-@click.option("--edge-profile", default=EdgeConfig.edge_profile, show_default=True,
-              help="Device profile the edge's compute is modelled with in reports.")
-@click.option("--torch-threads", type=int, default=EdgeConfig.torch_threads, show_default=True,
-              help="torch threads for model work (0: torch's default).")
-@click.option("--grace-s", type=float, default=EdgeConfig.grace_s, show_default=True,
-              help="Seconds in-flight requests get to finish on shutdown.")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
-@click.option("--sr-model", default=None,
-              help="Hybrid SR: diffusion SR model (family name/folder or diffusers upscaler folder); default: the model's family.")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve_edge_command(host: str, port: int, model: str, workers: int, queue_size: int, policy_address: str | None,
-                       policy_token: str | None, policy_tls_ca: Path | None, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
-                       realtime: bool, edge_profile: str, torch_threads: int, grace_s: float,
-                       metrics_port: int | None, sr_model: str | None, log_level: str) -> None:
-    """Run the edge server (EdgeService.Generate) until Ctrl-C, then drain."""
-    from meg.services.edge import EdgeServer, serve_edge
-    from meg.services.observability import configure_logging
-    from meg.services.security import resolve_token
-
-    configure_logging(log_level)
-    config = EdgeConfig(host=host, port=port, model=model, workers=workers, queue_size=queue_size,
-                        policy_address=policy_address, policy_token=policy_token,
-                        policy_tls=_tls(None, None, policy_tls_ca), token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
-                        realtime=realtime, edge_profile=edge_profile, torch_threads=torch_threads, grace_s=grace_s,
-                        metrics_port=metrics_port, sr_model=sr_model)
-
-    def ready(server: EdgeServer) -> None:
-        click.echo(f"edge serving {model} on {server.address}" +
-                   (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), err=True)
-
-    asyncio.run(serve_edge(config, on_ready=ready))
-
-
-@serve.command("policy")
+@click.command("policy")
 @click.option("--host", default=PolicyServerConfig.host, show_default=True, help="Interface to bind.")
 @click.option("--port", type=int, default=PolicyServerConfig.port, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
-@_tls_options
+@tls_options
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
 @click.option("--checkpoint", default="rule", show_default=True,
               help="Policy to serve: a checkpoint folder from `meg policy train`, \"cvpo\" (the shipped CVPO "
@@ -111,7 +46,7 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
     from meg.services.security import resolve_token
 
     configure_logging(log_level)
-    config = PolicyServerConfig(host=host, port=port, token=resolve_token(token), tls=_tls(tls_cert, tls_key, tls_ca),
+    config = PolicyServerConfig(host=host, port=port, token=resolve_token(token), tls=tls_config(tls_cert, tls_key, tls_ca),
                                 metrics_port=metrics_port)
 
     def ready(server: PolicyServer) -> None:
@@ -158,7 +93,7 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
               help="Device partition runtime.")
 @click.option("--model", default=ClientConfig.model, show_default=True, help="Pipeline of the device partition.")
 @click.option("--token", default=None, envvar=TOKEN_ENV_VAR, help=f"Bearer token (or ${TOKEN_ENV_VAR}).")
-@_tls_options
+@tls_options
 @click.option("--tls-server-name", default=None, help="Host name the edge certificate carries, if not the address.")
 @click.option("--deadline-s", type=float, default=ClientConfig.deadline_s, show_default=True, help="Deadline of the edge call.")
 @click.option("--no-fallback", is_flag=True, help="Fail instead of generating on the device.")
@@ -214,7 +149,7 @@ def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: in
                             latency_limit_s=latency_limit_s, energy_limit_j=energy_limit_j, plan=plan, recipe=recipe,
                             **sizes)
     config = ClientConfig(deadline_s=deadline_s, token=token, runtime=runtime,  # type: ignore[arg-type]
-                          tls=_tls(tls_cert, tls_key, tls_ca, tls_server_name), model=model,
+                          tls=tls_config(tls_cert, tls_key, tls_ca, tls_server_name), model=model,
                           fallback=not no_fallback, light_sr=light_sr, sr_model=sr_model)
     tune_malloc()  # this process receives 1 MiB messages: reuse their freed buffers
     with DeviceClient(list(edges), config) as client:

@@ -1,15 +1,39 @@
-"""Settings of the edge server: every default of `meg serve edge` lives here once."""
+"""Settings of the edge server: every default of `meg serve edge` lives here once.
+
+This module imports nothing heavy (no torch, no grpc), so that `meg serve edge --help`
+can show these defaults at once: the structured defaults are built on first use.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from meg.channel.link import LinkConfig
-from meg.codecs.framing import MAX_CHUNK_BYTES, FramingLimits
-from meg.services.limits import ServiceLimits
-from meg.services.security import TlsConfig
+if TYPE_CHECKING:
+    from meg.channel.link import LinkConfig
+    from meg.codecs.framing import FramingLimits
+    from meg.services.limits import ServiceLimits
+    from meg.services.security import TlsConfig
 
 __all__ = ["EdgeConfig"]
+
+
+def _service_limits() -> ServiceLimits:
+    from meg.services.limits import ServiceLimits
+
+    return ServiceLimits()
+
+
+def _uplink_limits() -> FramingLimits:
+    from meg.codecs.framing import FramingLimits
+
+    return FramingLimits(max_elements=1 << 24, max_encoded_bytes=64 << 20, max_params_bytes=1 << 20)
+
+
+def _link() -> LinkConfig:
+    from meg.channel.link import LinkConfig
+
+    return LinkConfig()
 
 
 @dataclass(frozen=True)
@@ -20,8 +44,9 @@ class EdgeConfig:
     """Interface to bind ("0.0.0.0" for all)."""
     port: int = 50051
     """Port to bind; 0 picks a free one."""
-    model: str = "tiny-random"
-    """Pipeline the edge loads (`meg.split.load_pipeline` name or local folder)."""
+    model: str = "meg-tiny"
+    """Pipeline the edge loads (`meg.split.load_pipeline` name or local folder); the
+    embedded family by default, as in `meg demo`."""
     workers: int = 1
     """Threads running model work concurrently."""
     queue_size: int = 8
@@ -40,20 +65,19 @@ class EdgeConfig:
     """Bearer token callers must present; None turns auth off."""
     tls: TlsConfig | None = None
     """Certificate files (with `ca_file`: mutual TLS); None serves plaintext."""
-    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    limits: ServiceLimits = field(default_factory=_service_limits)
     """Bounds on requests."""
-    uplink_limits: FramingLimits = field(
-        default_factory=lambda: FramingLimits(max_elements=1 << 24, max_encoded_bytes=64 << 20, max_params_bytes=1 << 20)
-    )
+    uplink_limits: FramingLimits = field(default_factory=_uplink_limits)
     """Bounds on tensors a client sends up (checked before anything is allocated)."""
-    link: LinkConfig = field(default_factory=LinkConfig)
+    link: LinkConfig = field(default_factory=_link)
     """Emulator defaults for channel fields the request leaves at zero."""
     realtime: bool = False
     """Sleep for the link's airtime instead of only accounting it."""
     packet_payload_bytes: int = 1024
     """Bytes per emulated link packet (each chunk is cut into such packets)."""
-    chunk_size_bytes: int = MAX_CHUNK_BYTES
-    """Largest chunk of a framed tensor."""
+    chunk_size_bytes: int | None = None
+    """Largest chunk of a framed tensor; None: the framing's maximum
+    (`meg.codecs.framing.MAX_CHUNK_BYTES`)."""
     edge_profile: str = "rtx-3080-ti"
     """Device profile the edge's compute is modelled with in the report."""
     max_request_s: float = 300.0

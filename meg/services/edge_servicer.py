@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from meg.channel.link import DigitalReport, LinkEmulator
-from meg.codecs.framing import TensorAssembler, frame_tensor
+from meg.codecs.framing import MAX_CHUNK_BYTES, TensorAssembler, frame_tensor
 from meg.convert import channel_from_link_config, link_config_from_channel
 from meg.devices import load_profile
 from meg.errors import (
@@ -414,8 +414,9 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
                            downlink: LinkEmulator, tally: _LinkTally) -> None:
         """Frame one tensor and send it; digital/ideal links carry every message as packets,
         analog links carry the values as symbols (already counted) and only headers as packets."""
+        chunk_size_bytes = MAX_CHUNK_BYTES if self.config.chunk_size_bytes is None else self.config.chunk_size_bytes
         header, chunks = frame_tensor(outgoing.sent.encoded, request_id=job.request_id, tensor_id=tensor_id,
-                                      name=outgoing.name, chunk_size_bytes=self.config.chunk_size_bytes)
+                                      name=outgoing.name, chunk_size_bytes=chunk_size_bytes)
         mode = downlink.config.mode
         tally.add_analog(outgoing)
         messages = [edge_pb.GenerateResponse(tensor_header=header)]
