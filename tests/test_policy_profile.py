@@ -7,7 +7,7 @@ from policy_helpers import one_thread
 
 from meg.errors import InvalidInputError
 from meg.policy.distortion import DistortionTable
-from meg.policy.profile import ProfileConfig, profile_distortion
+from meg.policy.measure_distortion import ProfileConfig, profile_distortion
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 

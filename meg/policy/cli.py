@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from meg.policy.env import EnvConfig
-from meg.policy.profile import ProfileConfig
+from meg.policy.measure_distortion import ProfileConfig
 
 _ENV = EnvConfig()
 _PROFILE = ProfileConfig()
@@ -63,7 +63,7 @@ def profile_command(model: str, out_path: Path, prompt_file: Path | None, prompt
     import torch
     from tqdm import tqdm
 
-    from meg.policy.profile import profile_distortion
+    from meg.policy.measure_distortion import profile_distortion
 
     torch.set_num_threads(threads)
     config = ProfileConfig(model=model, seed=seed, height=height, width=width)
