@@ -62,8 +62,8 @@ def link_config_from_channel(channel: gen_pb.ChannelState, base: LinkConfig | No
         raise InvalidInputError(f"fading model {channel.fading} is not a known FadingModel", field="channel.fading")
     return dataclasses.replace(
         base,
-        mode=mode,
-        fading=fading,
+        mode=mode,  # type: ignore[arg-type]  # one of LinkConfig's literals, from the table above
+        fading=fading,  # type: ignore[arg-type]
         snr_db=float(channel.snr_db),
         bandwidth_hz=float(channel.bandwidth_hz) or base.bandwidth_hz,
         rate_bps=float(channel.rate_bps) or base.rate_bps,

@@ -464,7 +464,7 @@ class SplitEngine:
             progress("text_encode", 1, 1)
             scheduler = self.new_scheduler(inputs)
             latents = self.initial_latents(inputs, scheduler)
-            latent_hw = tuple(latents.shape[-2:])
+            latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
             tome_generator = torch.Generator("cpu").manual_seed(inputs.seed)
             if split.kind == "unet":
                 stop_point("before step 1")
@@ -577,7 +577,8 @@ class SplitEngine:
             if isinstance(latents, torch.Tensor):
                 tokens = latent_to_tokens(latents, grouping)
                 gather_index = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
-                return runtime.decode_latent(tokens, gather_index, tuple(latents.shape)).float()
+                b, c, h, w = (int(d) for d in latents.shape)
+                return runtime.decode_latent(tokens, gather_index, (b, c, h, w)).float()
             return runtime.decode_latent(latents.tokens, latents.gather_index, latents.latent_shape).float()
         if not isinstance(latents, torch.Tensor):
             from meg.codecs.merge import unmerge_latent

@@ -24,7 +24,7 @@ ToMe ratio, so merging shows up as fewer edge FLOPs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -82,7 +82,8 @@ def stage_flops(
     if engine.text_encoder_2 is not None:
         pooled = torch.zeros((batch, engine.text_encoder_2.config.projection_dim), dtype=engine.unet.dtype)
     added = engine.conditioning(embeds, pooled, inputs).added
-    tome_kwargs = {"generator": torch.Generator().manual_seed(0), "latent_hw": tuple(latent_shape[-2:])}
+    tome_kwargs: dict[str, Any] = {"generator": torch.Generator().manual_seed(0),
+                                   "latent_hw": (int(latent_shape[-2]), int(latent_shape[-1]))}
 
     if boundary is not None:
         # The whole-stage counts are shared by every boundary; only the cut step is new.

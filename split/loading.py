@@ -53,7 +53,7 @@ def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.
         from meg.split.tiny import build_tiny_random_pipeline, build_tiny_random_xl_pipeline
 
         pipeline = build_tiny_random_pipeline() if model == TINY_RANDOM else build_tiny_random_xl_pipeline()
-        return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)
+        return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)  # type: ignore[union-attr]  # DiffusionPipeline.to
     path = Path(model).expanduser()
     if path.is_dir():
         return _load_folder(path, torch_dtype)
@@ -61,7 +61,7 @@ def load_pipeline(model: str = TINY_RANDOM, *, torch_dtype: torch.dtype = torch.
     if source is not None:
         # The source raises its own ModelNotFoundError (e.g. weights not trained yet).
         pipeline = source.load_pipeline(model)
-        return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)
+        return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)  # type: ignore[union-attr]  # DiffusionPipeline.to
     sources = ", ".join(s.name for s in model_sources()) or "none; importing meg.models registers meg-tiny"
     raise ModelNotFoundError(
         f"unknown model {model!r}: not {TINY_RANDOM!r}, not a local diffusers folder, "

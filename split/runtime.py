@@ -42,8 +42,10 @@ class DeviceRuntime(Protocol):
     """``"torch"`` or ``"onnxruntime"``."""
     providers: tuple[str, ...]
     """Providers actually in use (``("torch-cpu",)`` for torch on CPU)."""
-    grouping: int
-    """Latent row elements per token that `decode_latent`'s unmerge expects."""
+    @property
+    def grouping(self) -> int:
+        """Latent row elements per token that `decode_latent`'s unmerge expects."""
+        ...
 
     def decode_latent(
         self, tokens: torch.Tensor, gather_index: torch.Tensor, latent_shape: tuple[int, int, int, int]

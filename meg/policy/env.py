@@ -241,6 +241,7 @@ class PlanSimulator:
         cfg, g = self.config, self.generator
         snr = self.link_budget.snr_db(self.distance_m).numpy()
         if self.fading is not None:
+            assert self.fading_state is not None
             gain = self.fading.gain(self.fading_state).abs().double().pow(2).clamp_min(1e-12).numpy()
             snr = snr + 10.0 * np.log10(gain)
         self.snr_db = np.asarray(snr, dtype=np.float64)
@@ -257,6 +258,7 @@ class PlanSimulator:
             d = torch.where(d > hi, 2 * hi - d, d).clamp(lo, hi)
         self.distance_m = d
         if self.fading is not None:
+            assert self.fading_state is not None
             self.fading_state = self.fading.step(self.fading_state, generator=g)
 
     def observation(self) -> np.ndarray:
