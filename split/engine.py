@@ -3,7 +3,9 @@
 The stage sequence is text-encode → denoising steps 1…N → decode; a `SplitPoint` cuts it
 (see `meg.split.points`). `SplitEngine.run_edge` runs the edge partition and returns the
 tensors that cross the cut; `SplitEngine.run_device` takes them (after any codec and
-channel) and finishes the image; `SplitEngine.run_full` is the unsplit reference. All
+channel) and finishes the image; `SplitEngine.run_full` is the unsplit reference; `SplitEngine.run_img2img` re-noises a
+given latent to a strength and denoises the rest (diffusers' img2img), and
+`SplitEngine.generate_latents` runs text-to-image with any UNet up to the latent. All
 three run the same denoising loop, written out here in the style of diffusers'
 ``StableDiffusionPipeline.__call__``:
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -425,6 +428,111 @@ class SplitEngine:
                     noise = self._unet_call(self.unet, x, t, cond)
                 latents = self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, i, inputs)
             return self.decode(self.vae, latents)
+
+    # ------------------------------------------------------------------ img2img
+    @staticmethod
+    def img2img_steps(steps: int, strength: float) -> int:
+        """Denoising steps img2img runs at ``strength`` out of a ``steps`` schedule:
+        ``min(int(steps · strength), steps)`` (diffusers' ``get_timesteps``)."""
+        return min(int(steps * strength), steps)
+
+    def run_img2img(
+        self,
+        inputs: GenerationInputs,
+        init_latents: torch.Tensor,
+        strength: float,
+        *,
+        unet: Any | None = None,
+        on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> torch.Tensor:
+        """Re-noise ``init_latents`` to ``strength`` and denoise the rest: the refined latent.
+
+        diffusers' ``StableDiffusionImg2ImgPipeline`` semantics, given the latent instead of
+        the image (its VAE encoding is the caller's):
+
+        1. set the ``inputs.steps`` schedule and keep its last ``n = int(steps · strength)``
+           timesteps (``t_start = steps − n``; counting schedulers begin at ``t_start``);
+        2. draw noise from ``torch.Generator().manual_seed(inputs.seed)`` and
+           ``scheduler.add_noise(init_latents, noise, t_first)``;
+        3. denoise the ``n`` kept steps exactly as `run_full` does (guidance, per-step seeds
+           by absolute step index).
+
+        Args:
+            init_latents: [1, C, h, w] UNet-space latent (already × ``scaling_factor``).
+            strength: 0 < strength ≤ 1; at least one step must remain.
+            unet: the UNet that denoises (default: the pipeline's; the device passes its own).
+        Returns:
+            [1, C, h, w] latent in the UNet's dtype.
+        Raises:
+            InvalidInputError: strength out of range or leaving no step, or a latent of the
+                wrong shape, dtype or with non-finite values.
+        """
+        self.check(inputs, SplitPoint("device"))
+        if not (0.0 < strength <= 1.0) or not math.isfinite(strength):
+            raise InvalidInputError(f"strength {strength!r} must be in (0, 1]", field="strength")
+        kept = self.img2img_steps(inputs.steps, strength)
+        if kept < 1:
+            raise InvalidInputError(
+                f"strength {strength} leaves no step of {inputs.steps} (needs >= {1 / inputs.steps:.3g})",
+                field="strength",
+            )
+        expected = self.latent_shape(inputs)
+        if tuple(init_latents.shape) != expected:
+            raise InvalidInputError(
+                f"init latent has shape {tuple(init_latents.shape)}, expected {expected}", field="init_latents"
+            )
+        if not init_latents.is_floating_point():
+            raise InvalidInputError(f"init latent has dtype {init_latents.dtype}, expected a float", field="init_latents")
+        if not bool(torch.isfinite(init_latents).all()):
+            raise NonFiniteError("init latent holds NaN or Inf", field="init_latents")
+        denoiser = unet if unet is not None else self.unet
+        progress = on_progress or (lambda stage, done, total: None)
+        t_start = inputs.steps - kept
+        with torch.no_grad():
+            cond = self.encode_text(inputs)
+            scheduler = self.new_scheduler(inputs, begin_step=t_start)
+            timesteps = scheduler.timesteps[t_start * scheduler.order :]
+            generator = torch.Generator("cpu").manual_seed(inputs.seed)
+            noise = torch.randn(expected, generator=generator, dtype=torch.float32)
+            latents = init_latents.to(denoiser.device, denoiser.dtype)
+            latents = scheduler.add_noise(latents, noise.to(latents.device, latents.dtype), timesteps[:1])
+            for j, t in enumerate(timesteps):
+                if should_stop is not None and should_stop():
+                    raise DeadlineExceededError(f"img2img stopped before step {j + 1} of {kept}")
+                x = self._model_input(scheduler, latents, t, inputs)
+                with unet_lock(denoiser):
+                    noise_pred = self._unet_call(denoiser, x, t, cond)
+                latents = self._scheduler_step(scheduler, self._guide(noise_pred, inputs), t, latents, t_start + j, inputs)
+                progress("denoise", j + 1, kept)
+            return latents
+
+    def generate_latents(
+        self,
+        inputs: GenerationInputs,
+        *,
+        unet: Any | None = None,
+        on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> torch.Tensor:
+        """Text-to-image up to the final latent with ``unet`` (default: the pipeline's):
+        [1, C, h, w]; with the pipeline's UNet it is the latent `run_full` decodes."""
+        self.check(inputs, SplitPoint("device"))
+        denoiser = unet if unet is not None else self.unet
+        progress = on_progress or (lambda stage, done, total: None)
+        with torch.no_grad():
+            cond = self.encode_text(inputs)
+            scheduler = self.new_scheduler(inputs)
+            latents = self.initial_latents(inputs, scheduler).to(denoiser.device, denoiser.dtype)
+            for i, t in enumerate(scheduler.timesteps):
+                if should_stop is not None and should_stop():
+                    raise DeadlineExceededError(f"generation stopped before step {i + 1} of {inputs.steps}")
+                x = self._model_input(scheduler, latents, t, inputs)
+                with unet_lock(denoiser):
+                    noise_pred = self._unet_call(denoiser, x, t, cond)
+                latents = self._scheduler_step(scheduler, self._guide(noise_pred, inputs), t, latents, i, inputs)
+                progress("denoise", i + 1, inputs.steps)
+            return latents
 
     # ------------------------------------------------------------------ edge
     def run_edge(
