@@ -62,9 +62,11 @@ def recipe_by_name(name: str, *, field: str = "recipe") -> Recipe:
 def _register_builtin() -> None:
     from meg.recipes.hybrid_sr import HybridSrRecipe
     from meg.recipes.meg import MegRecipe
+    from meg.recipes.preview_refine import PreviewRefineRecipe
 
     register(MegRecipe())
     register(HybridSrRecipe())
+    register(PreviewRefineRecipe())
 
 
 _register_builtin()
