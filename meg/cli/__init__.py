@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "devices": ("meg.cli.devices:devices", "Device profiles (latency/energy models) and calibration."),
     "export-onnx": ("meg.split.onnx_cli:export_onnx", "Export a split's device partition to ONNX (cached)."),
     "policy": ("meg.policy.cli:policy", "Plan split/steps/merge under limits: profile, train (CVPO, PPO), eval."),
+    "hybrid": ("meg.policy.hybrid_cli:hybrid", "Hybrid SR controller: measured table, batch decisions."),
 }
 
 

@@ -9,6 +9,7 @@ measures its latency.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,12 +42,22 @@ def plan_proto(split: str, steps: int, merge_ratio: float, policy: str, *,
     return plan_to_proto(plan)
 
 
+@functools.cache
+def _hybrid_controller() -> Any:
+    from meg.policy.hybrid_sr import HybridSrPolicy
+
+    return HybridSrPolicy()
+
+
 def _recipe_default(observation: policy_service_pb2.Observation) -> generation_pb2.Plan | None:
-    """The plan of a recipe these planners were not built for (they plan MEG), if it has one."""
+    """The plan of a recipe these planners were not built for (they plan MEG): Hybrid SR's
+    controller for a Hybrid SR request with a size (a batch of one), else the recipe's default."""
     from meg.recipes.registry import recipe_for
 
     if observation.recipe in (generation_pb2.RECIPE_UNSPECIFIED, generation_pb2.RECIPE_MEG):
         return None
+    if observation.recipe == generation_pb2.RECIPE_HYBRID_SR and (observation.width or observation.height):
+        return _hybrid_controller().decide(observation)  # type: ignore[no-any-return]
     plan = recipe_for(observation.recipe, field="observation.recipe").default_plan(observation)
     return plan_to_proto(plan) if plan is not None else None
 
@@ -140,10 +151,15 @@ def packaged_checkpoint(name: str = "cvpo") -> Path:
 
 
 def load_policy(checkpoint: str | Path) -> Policy:
-    """A Policy from a checkpoint folder (`meg policy train` output), "rule", or "cvpo"
-    (the CVPO checkpoint shipped with the package, trained on the default environment)."""
+    """A Policy from a checkpoint folder (`meg policy train` output), "rule", "cvpo" (the CVPO
+    checkpoint shipped with the package, trained on the default environment), or "hybrid-sr"
+    (Hybrid SR's annealing controller, joint over `DecideBatch`; MEG requests by the rules)."""
     if str(checkpoint) == "rule":
         return rule_policy()
+    if str(checkpoint) == "hybrid-sr":
+        from meg.policy.hybrid_sr import HybridSrPolicy
+
+        return HybridSrPolicy(other=rule_policy())
     if str(checkpoint) == "cvpo":
         checkpoint = packaged_checkpoint("cvpo")
     from meg.policy.checkpoint import load_checkpoint

@@ -32,7 +32,8 @@ __all__ = ["generate", "serve_policy_command"]
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
 @click.option("--checkpoint", default="rule", show_default=True,
               help="Policy to serve: a checkpoint folder from `meg policy train`, \"cvpo\" (the shipped CVPO "
-                   "checkpoint) or \"rule\" (the rule-based policy).")
+                   "checkpoint), \"rule\" (the rule-based policy) or \"hybrid-sr\" (Hybrid SR's "
+                   "annealing controller, rules for MEG).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path | None, tls_key: Path | None,
                          tls_ca: Path | None, metrics_port: int | None, checkpoint: str, log_level: str) -> None:

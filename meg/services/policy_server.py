@@ -1,7 +1,9 @@
-"""`PolicyService` over gRPC: `Decide(observation) -> plan` for edges that ask remotely.
+"""`PolicyService` over gRPC: `Decide(observation) -> plan` for edges that ask remotely, and
+`DecideBatch(observations) -> plans` for requests that share the edge and are planned together.
 
 The servicer is thin: it calls any `meg.policy.Policy` (by default the rule-based one)
-and times the decision. `create_policy_server` builds the server without starting it;
+and times the decision; `DecideBatch` calls the policy's `decide_batch` when it has one
+(a joint decision, e.g. the Hybrid SR controller), else `decide` on each observation. `create_policy_server` builds the server without starting it;
 `serve_policy` runs one until SIGINT/SIGTERM.
 """
 
@@ -75,6 +77,24 @@ class PolicyServicer(policy_grpc.PolicyServiceServicer):
         latency_s = monotonic_s() - start
         self.metrics.observe(latency_s=latency_s, code="OK")
         return policy_pb.DecideResponse(plan=plan, decision_latency_s=latency_s)
+
+    async def DecideBatch(self, request: policy_pb.DecideBatchRequest,  # noqa: N802
+                          context: aio.ServicerContext) -> policy_pb.DecideBatchResponse:
+        start = monotonic_s()
+        try:
+            observations = list(request.observations)
+            joint = getattr(self.policy, "decide_batch", None)
+            plans = joint(observations) if joint is not None else [self.policy.decide(o) for o in observations]
+            for plan in plans:
+                validate_plan(plan, self.limits)
+        except Exception as exc:  # the one boundary where exceptions become statuses
+            code = grpc_code_for(exc)
+            self.metrics.observe(latency_s=monotonic_s() - start, code=code.name)
+            log_event(_log, "decide_batch.error", level=logging.WARNING, code=code.name, error=error_message(exc))
+            await context.abort(code, error_message(exc))
+        latency_s = monotonic_s() - start
+        self.metrics.observe(latency_s=latency_s, code="OK")
+        return policy_pb.DecideBatchResponse(plans=plans, decision_latency_s=latency_s)
 
 
 class PolicyServer(BoundServer):

@@ -228,19 +228,25 @@ class Limits(_message.Message):
 
     LATENCY_S_FIELD_NUMBER: _builtins.int
     ENERGY_J_FIELD_NUMBER: _builtins.int
+    LATENCY_WEIGHT_FIELD_NUMBER: _builtins.int
     latency_s: _builtins.float
     """Upper bound on end-to-end latency; 0 means none."""
     energy_j: _builtins.float
     """Upper bound on energy spent by edge and device together; 0 means none."""
+    latency_weight: _builtins.float
+    """Weight of latency against quality in the request's utility U = Q - w * latency_s,
+    0..1 (Hybrid SR's lambda); 0 means the planner's default.
+    """
     def __init__(
         self,
         *,
         latency_s: _builtins.float = ...,
         energy_j: _builtins.float = ...,
+        latency_weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["energy_j", b"energy_j", "latency_s", b"latency_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["energy_j", b"energy_j", "latency_s", b"latency_s", "latency_weight", b"latency_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

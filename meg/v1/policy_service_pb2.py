@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meg.v1 import generation_pb2 as meg_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmeg/v1/policy_service.proto\x12\x06meg.v1\x1a\x17meg/v1/generation.proto\"\xe2\x01\n\x0bObservation\x12%\n\x07\x63hannel\x18\x01 \x01(\x0b\x32\x14.meg.v1.ChannelState\x12\x1a\n\x12previous_latency_s\x18\x02 \x01(\x01\x12\x19\n\x11previous_energy_j\x18\x03 \x01(\x01\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1e\n\x06limits\x18\x06 \x01(\x0b\x32\x0e.meg.v1.Limits\x12\x16\n\x0e\x64\x65vice_profile\x18\x07 \x01(\t\x12\x1e\n\x06recipe\x18\x08 \x01(\x0e\x32\x0e.meg.v1.Recipe\"9\n\rDecideRequest\x12(\n\x0bobservation\x18\x01 \x01(\x0b\x32\x13.meg.v1.Observation\"H\n\x0e\x44\x65\x63ideResponse\x12\x1a\n\x04plan\x18\x01 \x01(\x0b\x32\x0c.meg.v1.Plan\x12\x1a\n\x12\x64\x65\x63ision_latency_s\x18\x02 \x01(\x01\x32H\n\rPolicyService\x12\x37\n\x06\x44\x65\x63ide\x12\x15.meg.v1.DecideRequest\x1a\x16.meg.v1.DecideResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmeg/v1/policy_service.proto\x12\x06meg.v1\x1a\x17meg/v1/generation.proto\"\xe2\x01\n\x0bObservation\x12%\n\x07\x63hannel\x18\x01 \x01(\x0b\x32\x14.meg.v1.ChannelState\x12\x1a\n\x12previous_latency_s\x18\x02 \x01(\x01\x12\x19\n\x11previous_energy_j\x18\x03 \x01(\x01\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1e\n\x06limits\x18\x06 \x01(\x0b\x32\x0e.meg.v1.Limits\x12\x16\n\x0e\x64\x65vice_profile\x18\x07 \x01(\t\x12\x1e\n\x06recipe\x18\x08 \x01(\x0e\x32\x0e.meg.v1.Recipe\"9\n\rDecideRequest\x12(\n\x0bobservation\x18\x01 \x01(\x0b\x32\x13.meg.v1.Observation\"H\n\x0e\x44\x65\x63ideResponse\x12\x1a\n\x04plan\x18\x01 \x01(\x0b\x32\x0c.meg.v1.Plan\x12\x1a\n\x12\x64\x65\x63ision_latency_s\x18\x02 \x01(\x01\"?\n\x12\x44\x65\x63ideBatchRequest\x12)\n\x0cobservations\x18\x01 \x03(\x0b\x32\x13.meg.v1.Observation\"N\n\x13\x44\x65\x63ideBatchResponse\x12\x1b\n\x05plans\x18\x01 \x03(\x0b\x32\x0c.meg.v1.Plan\x12\x1a\n\x12\x64\x65\x63ision_latency_s\x18\x02 \x01(\x01\x32\x90\x01\n\rPolicyService\x12\x37\n\x06\x44\x65\x63ide\x12\x15.meg.v1.DecideRequest\x1a\x16.meg.v1.DecideResponse\x12\x46\n\x0b\x44\x65\x63ideBatch\x12\x1a.meg.v1.DecideBatchRequest\x1a\x1b.meg.v1.DecideBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECIDEREQUEST']._serialized_end=350
   _globals['_DECIDERESPONSE']._serialized_start=352
   _globals['_DECIDERESPONSE']._serialized_end=424
-  _globals['_POLICYSERVICE']._serialized_start=426
-  _globals['_POLICYSERVICE']._serialized_end=498
+  _globals['_DECIDEBATCHREQUEST']._serialized_start=426
+  _globals['_DECIDEBATCHREQUEST']._serialized_end=489
+  _globals['_DECIDEBATCHRESPONSE']._serialized_start=491
+  _globals['_DECIDEBATCHRESPONSE']._serialized_end=569
+  _globals['_POLICYSERVICE']._serialized_start=572
+  _globals['_POLICYSERVICE']._serialized_end=716
 # @@protoc_insertion_point(module_scope)

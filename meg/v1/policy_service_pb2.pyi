@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from meg.v1 import generation_pb2 as _generation_pb2
 import builtins as _builtins
 import sys
@@ -104,3 +106,47 @@ class DecideResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecideResponse: _TypeAlias = DecideResponse  # noqa: Y015
+
+@_typing.final
+class DecideBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def observations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Observation]: ...
+    def __init__(
+        self,
+        *,
+        observations: _abc.Iterable[Global___Observation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["observations", b"observations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideBatchRequest: _TypeAlias = DecideBatchRequest  # noqa: Y015
+
+@_typing.final
+class DecideBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    DECISION_LATENCY_S_FIELD_NUMBER: _builtins.int
+    decision_latency_s: _builtins.float
+    """Time the policy took to decide the whole batch, measured in the service."""
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[_generation_pb2.Plan]: ...
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[_generation_pb2.Plan] | None = ...,
+        decision_latency_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_latency_s", b"decision_latency_s", "plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideBatchResponse: _TypeAlias = DecideBatchResponse  # noqa: Y015

@@ -40,6 +40,11 @@ class PolicyServiceStub:
                 request_serializer=meg_dot_v1_dot_policy__service__pb2.DecideRequest.SerializeToString,
                 response_deserializer=meg_dot_v1_dot_policy__service__pb2.DecideResponse.FromString,
                 _registered_method=True)
+        self.DecideBatch = channel.unary_unary(
+                '/meg.v1.PolicyService/DecideBatch',
+                request_serializer=meg_dot_v1_dot_policy__service__pb2.DecideBatchRequest.SerializeToString,
+                response_deserializer=meg_dot_v1_dot_policy__service__pb2.DecideBatchResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -52,6 +57,15 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecideBatch(self, request, context):
+        """Plans for requests that share the edge, decided together (e.g. Hybrid SR's
+        controller under the edge's and devices' compute budgets); plans[i] answers
+        observations[i]. A policy without a joint decision answers each one alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.Decide,
                     request_deserializer=meg_dot_v1_dot_policy__service__pb2.DecideRequest.FromString,
                     response_serializer=meg_dot_v1_dot_policy__service__pb2.DecideResponse.SerializeToString,
+            ),
+            'DecideBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideBatch,
+                    request_deserializer=meg_dot_v1_dot_policy__service__pb2.DecideBatchRequest.FromString,
+                    response_serializer=meg_dot_v1_dot_policy__service__pb2.DecideBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +108,33 @@ class PolicyService:
             '/meg.v1.PolicyService/Decide',
             meg_dot_v1_dot_policy__service__pb2.DecideRequest.SerializeToString,
             meg_dot_v1_dot_policy__service__pb2.DecideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meg.v1.PolicyService/DecideBatch',
+            meg_dot_v1_dot_policy__service__pb2.DecideBatchRequest.SerializeToString,
+            meg_dot_v1_dot_policy__service__pb2.DecideBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
