@@ -135,9 +135,10 @@ def run_demo(config: DemoConfig = DemoConfig()) -> GenerationReport:
               help="Edge–device distance in metres (MEG: 200–300 m).")
 @click.option("--mode", type=click.Choice(["ideal", "digital", "analog"]), default=DemoConfig.mode, show_default=True,
               help="Emulated link mode.")
-@click.option("--recipe", type=click.Choice(["meg", "hybrid-sr"]), default=DemoConfig.recipe, show_default=True,
+@click.option("--recipe", type=click.Choice(["meg", "hybrid-sr", "preview-refine"]), default=DemoConfig.recipe, show_default=True,
               help="MEG (edge denoises, device decodes) or Hybrid SR (edge generates small and upscales the "
-                   "salient cells, device upscales the rest).")
+                   "salient cells, device upscales the rest) or preview-refine (a scripted three-round session: "
+                   "device previews, the edge refines the last; writes preview-N.png too).")
 @click.option("--target-size", "target_size_px", type=int, default=DemoConfig.target_size_px, show_default=True,
               help="Image side in pixels; 0: the model's native size (MEG) or 4x it (Hybrid SR, 512 px on meg-tiny).")
 @click.option("--sr-model", default=None, help="Hybrid SR: the edge's diffusion SR model (family or upscaler folder).")
@@ -158,6 +159,16 @@ def demo(prompt: str, out_dir: Path, model: str, seed: int, distance_m: float, m
     """
     from meg.services.cli import print_summary
 
+    if recipe == "preview-refine":
+        from meg.session_cli import SessionDemoConfig, run_session_demo
+
+        summary = run_session_demo(dataclasses.replace(SessionDemoConfig(), out_dir=out_dir, model=model, seed=seed))
+        for i, r in enumerate(summary["rounds"], 1):
+            click.echo(f"round {i}: {r['prompt']!r} → {r['png']} ({r['preview_s'] * 1000:.0f} ms)")
+        final = summary["final"]
+        click.echo(f"final: {'refined at strength ' + str(final.get('strength')) if summary['refined'] else 'edge lost, last preview kept'}"
+                   f" → {final['png']}, {final['report']}")
+        return
     config = dataclasses.replace(DemoConfig(), prompt=prompt, out_dir=out_dir, model=model, seed=seed,
                                  distance_m=distance_m, mode=mode, recipe=recipe, target_size_px=target_size_px,
                                  sr_model=sr_model, light_sr=light_sr, policy=policy, runtime=runtime,

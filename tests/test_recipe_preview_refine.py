@@ -138,3 +138,33 @@ def test_unknown_words_are_named() -> None:
     check_prompt("a red circle", tokenizer)
     with pytest.raises(InvalidInputError, match=r"\['zzqx'\]"):
         check_prompt("a red zzqx", tokenizer)
+
+
+def test_terminal_session_writes_previews_and_reports_errors(client: DeviceClient, pipeline: Any,
+                                                             tmp_path: Any) -> None:
+    import io
+
+    from meg.session_cli import _interact
+
+    session = PreviewSession(client, pipeline)
+    said: list[str] = []
+    script = "/final\n   \na red circle\n/bogus\n/final 0.1\na blue circle\n/final 0.5\n/quit\nnot read\n"
+    _interact(session, tmp_path, io.StringIO(script), said.append)
+    assert "final before any preview" in said[1]
+    assert said[2].startswith("round 1") and (tmp_path / "preview-1.png").exists()
+    assert "unknown command '/bogus'" in said[3]
+    assert said[4].startswith("error:") and "keeps its 1 rounds" in said[4]
+    assert said[-1].startswith("final (refined by the edge)") and (tmp_path / "report.json").exists()
+    assert [r.prompt for r in session.rounds] == ["a red circle", "a blue circle"]
+
+
+def test_demo_replays_a_three_round_session(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from meg.demo import demo
+
+    result = CliRunner().invoke(demo, ["--recipe", "preview-refine", "--model", "tiny-random", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "preview-1.png", "preview-2.png",
+                                                          "preview-3.png", "report.json", "session.json"]
+    assert "refined at strength 0.5" in result.output
