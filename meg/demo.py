@@ -162,7 +162,8 @@ def demo(prompt: str, out_dir: Path, model: str, seed: int, distance_m: float, m
     if recipe == "preview-refine":
         from meg.session_cli import SessionDemoConfig, run_session_demo
 
-        summary = run_session_demo(dataclasses.replace(SessionDemoConfig(), out_dir=out_dir, model=model, seed=seed))
+        summary = run_session_demo(dataclasses.replace(SessionDemoConfig(), out_dir=out_dir, model=resolve_model(model),
+                                                       seed=seed))
         for i, r in enumerate(summary["rounds"], 1):
             click.echo(f"round {i}: {r['prompt']!r} → {r['png']} ({r['preview_s'] * 1000:.0f} ms)")
         final = summary["final"]

@@ -1,4 +1,5 @@
-"""A multi-round preview–refine session on the device (DiffusionX, PAPERS.md §3).
+"""A multi-round preview–refine session on the device (DiffusionX, PAPERS.md §3), over a
+`meg.services.client.DeviceClient` (so it lives above the recipe layer).
 
 The session keeps every round (prompt, seed, preview latent, preview image and its time);
 `PreviewSession.preview` renders a round with the device's previewer, `PreviewSession.final`

@@ -34,7 +34,8 @@ class SessionDemoConfig:
 
     rounds: tuple[str, ...] = DEMO_ROUNDS
     out_dir: Path = Path("meg-demo")
-    model: str = "auto"
+    model: str = "meg-tiny"
+    """Family of device and loopback edge (`meg demo` resolves its "auto" before calling)."""
     seed: int = 0
     strength: float | None = None
     """Refine strength; None: the family's shipped predictor, else the recipe's default."""
@@ -59,7 +60,7 @@ def _loopback_edge(model: str, pipeline: Any) -> Iterator[str]:
 
 
 def _open_session(client: Any, pipeline: Any, model: str, seed: int, device_profile: str) -> Any:
-    from meg.recipes.preview_session import PreviewSession
+    from meg.session import PreviewSession
 
     return PreviewSession(client, pipeline, model=model, seed=seed, device_profile=device_profile)
 
@@ -87,12 +88,11 @@ def run_session_demo(config: SessionDemoConfig = SessionDemoConfig()) -> dict[st
     import torch
 
     import meg.models  # noqa: F401  (registers meg-tiny as a model source)
-    from meg.demo import resolve_model
     from meg.services.client import ClientConfig, DeviceClient
     from meg.split.loading import load_pipeline
 
     torch.set_num_threads(1)
-    model = resolve_model(config.model)
+    model = config.model
     pipeline = load_pipeline(model)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,8 @@ def _interact(session: Any, out_dir: Path, lines: TextIO, echo: Any) -> None:
 
 @click.command("session")
 @click.option("--edge", "edge_address", default=None, help="Edge address host:port (default: one on loopback).")
-@click.option("--model", default="auto", show_default=True, help="Model family of device (and loopback edge).")
+@click.option("--model", default=SessionDemoConfig.model, show_default=True,
+              help="Model family of device (and loopback edge).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("meg-session"),
               show_default=True, help="Folder for previews, the final image and its report.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every round.")
@@ -155,12 +156,10 @@ def session(edge_address: str | None, model: str, out_dir: Path, seed: int) -> N
     import torch
 
     import meg.models  # noqa: F401
-    from meg.demo import resolve_model
     from meg.services.client import ClientConfig, DeviceClient
     from meg.split.loading import load_pipeline
 
     torch.set_num_threads(1)
-    model = resolve_model(model)
     pipeline = load_pipeline(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     edge = contextlib.nullcontext(edge_address) if edge_address else _loopback_edge(model, pipeline)

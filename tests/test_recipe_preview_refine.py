@@ -11,11 +11,11 @@ import torch
 from meg.errors import InvalidInputError
 from meg.recipes.plan import make_plan
 from meg.recipes.preview_refine import PreviewRefineRecipe, check_prompt, preview_refine_plan
-from meg.recipes.preview_session import PreviewSession
 from meg.recipes.registry import recipe_by_name, recipe_for
 from meg.services.background import RunningServer, ServiceLoop, start_edge
 from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
 from meg.services.edge import EdgeConfig
+from meg.session import PreviewSession
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.v1 import generation_pb2 as gen_pb
 

@@ -16,6 +16,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("meg.split.bench_engine:bench_engine", "Split engine: run_full and per-split edge/device wall time."),
     "policy": ("meg.policy.bench:bench_policy", "Policy decide() latency: rule-based and learned planners."),
     "meg-headline": ("meg.bench.headline:bench_headline", "MEG vs conventional edge generation at SDXL 1024² (modelled)."),
+    "preview-refine": ("meg.bench.preview_refine:bench_preview_refine",
+                       "Preview-refine sessions: edge every round, preview only, refine at fixed/predicted/oracle s."),
     "sr": ("meg.bench.sr:bench_sr", "Hybrid SR: light vs bicubic vs diffusion SR, partition IoU, seams, FLOPs."),
 }
 

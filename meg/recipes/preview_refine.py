@@ -2,7 +2,7 @@
 
 "DiffusionX: cloud–edge collaborative multi-round generation" (PAPERS.md §3). A user edits
 the prompt over several rounds; the device's small model renders a fast preview of each
-(`meg.recipes.preview_session.PreviewSession` keeps the rounds). When the user settles:
+(`meg.session.PreviewSession` keeps the rounds). When the user settles:
 
 1. (device → edge) the last preview *latent* goes up the link as uplink tensor
    ``preview`` (the plan's codec chain without its merge stage, ``fp16`` by default);
