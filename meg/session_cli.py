@@ -38,7 +38,7 @@ class SessionDemoConfig:
     """Family of device and loopback edge (`meg demo` resolves its "auto" before calling)."""
     seed: int = 0
     strength: float | None = None
-    """Refine strength; None: the family's shipped predictor, else the recipe's default."""
+    """Refine strength; None: the recipe's default (`PreviewRefineConfig.strength`)."""
     device_profile: str = "jetson-agx-orin"
     runtime: str = "eager"
 

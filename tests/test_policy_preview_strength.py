@@ -85,3 +85,17 @@ def test_bench_rows_compare_the_methods(tmp_path: Path, sessions: int) -> None:
     assert rows["refine s=1.0"]["edge_flops_per_session"] == pytest.approx(8e9)
     assert rows["preview only"]["edge_flops_per_session"] == 0
     assert rows["refine, predictor"]["edge_flops_per_session"] < rows["refine s=1.0"]["edge_flops_per_session"]
+
+
+def test_strength_train_command_ships_fp16(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meg.policy.cli import policy
+
+    (tmp_path / "profile.json").write_text(json.dumps({"model": "m", "records": _synthetic(120, 2)}))
+    result = CliRunner().invoke(policy, ["strength", "train", "--profile", str(tmp_path / "profile.json"),
+                                         "--out", str(tmp_path / "predictor")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "predictor" / "strength.json").read_text())
+    assert meta["n"] == 120 and meta["grid"] == list(GRID) and 0 <= meta["train_within_0_1_of_oracle"] <= 1
+    assert StrengthPredictor.load(tmp_path / "predictor").weight.shape == (6,)

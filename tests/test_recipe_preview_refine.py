@@ -167,4 +167,4 @@ def test_demo_replays_a_three_round_session(tmp_path: Any) -> None:
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "preview-1.png", "preview-2.png",
                                                           "preview-3.png", "report.json", "session.json"]
-    assert "refined at strength 0.5" in result.output
+    assert "refined at strength 0.75" in result.output

@@ -49,7 +49,7 @@ def _method_rows(records: list[dict[str, Any]], strengths: dict[str, np.ndarray]
     device, edge = load_profile(config.device_profile), load_profile(config.edge_profile)
     flops = records[0]["flops"]
     link_s = config.latent_bytes * 8 / config.link_bps
-    preview_s = device.compute_latency_s(flops["preview_device"]) + device.compute_latency_s(flops["decode_device"])
+    preview_s = device.compute_latency_s(flops["preview_device"])  # the device split: its decode included
     edge_round_s = edge.compute_latency_s(flops["scratch_edge"]) + link_s + device.compute_latency_s(flops["decode_device"])
     decode_s = device.compute_latency_s(flops["decode_device"])
     fid_scratch = np.asarray([r["scratch_fidelity"] for r in records])
@@ -145,9 +145,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
               help="A shipped predictor folder (default: fit on --train-profile).")
 @click.option("--sessions", type=int, default=PreviewRefineBenchConfig.sessions, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("benchmarks/preview_refine.json"), show_default=True)
+              default=Path("benchmarks/results/preview_refine.json"), show_default=True)
 @click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("benchmarks/preview_refine.png"), show_default=True)
+              default=Path("benchmarks/results/preview_refine.png"), show_default=True)
 def bench_preview_refine(train_profile: Path, heldout_profile: Path, predictor_dir: Path | None, sessions: int,
                          json_path: Path, png_path: Path) -> None:
     """Sessions of 3-6 rounds: edge every round, preview only, preview + refine (fixed s,

@@ -192,3 +192,9 @@ def eval_command(algos: str, checkpoints: tuple[Path, ...], episodes: int, seed:
         json_path.write_text(json.dumps({"env_config": dataclasses.asdict(env_config), "rows": rows}, indent=1) + "\n")
     if plot_path is not None:
         plot_comparison(rows, plot_path, title=f"planners on {episodes} held-out episodes (seed {seed})")
+
+
+# light (click only): the preview-refine strength predictor's profile and train commands
+from meg.policy.strength_cli import strength  # noqa: E402
+
+policy.add_command(strength)

@@ -73,10 +73,8 @@ def profile_strength(engine: SplitEngine, preview: SplitEngine, prompts: list[st
     the predictor features and the edge/device FLOPs of each path.
 
     ``engine``'s UNet is the edge's refiner; ``preview.device_unet`` the device's previewer."""
-    from meg.models.judge import detect_objects, score_prompt
+    from meg.models.judge import IMAGE_SIZE, detect_objects, score_prompt
     from meg.split.points import SplitPoint
-
-    from meg.models.judge import IMAGE_SIZE
 
     def fidelity(spec: Any, latent: torch.Tensor) -> float:
         image = engine.decode(engine.vae, latent)
@@ -104,7 +102,7 @@ def profile_strength(engine: SplitEngine, preview: SplitEngine, prompts: list[st
             "features": features(engine, base, preview_latent).tolist(),
         })
     flops = {
-        "preview_device": preview.flops(SplitPoint("device"), small).device_flops,
+        "preview_device": preview.flops(SplitPoint("device"), small).device_flops,  # text encode, steps, decode
         "scratch_edge": engine.flops(SplitPoint("decoder"), base).edge_flops,
         "decode_device": engine.flops(SplitPoint("decoder"), base).device_flops,
         **{f"refine_edge:{s}": engine.flops(SplitPoint("decoder"),
