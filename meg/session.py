@@ -80,18 +80,29 @@ class PreviewSession:
     def __post_init__(self) -> None:
         self.engine, self.previewer = preview_engine(self.pipeline, self.model)
 
-    def preview(self, prompt: str) -> PreviewRound:
+    def preview(self, prompt: str, *, edit_strength: float | None = None) -> PreviewRound:
         """Render ``prompt`` with the previewer and keep it as the latest round.
 
+        With ``edit_strength`` (and an earlier round), the previous preview is re-noised to
+        that strength and denoised for the edited prompt (img2img on the previewer:
+        ``int(edit_strength · preview_steps)`` steps), so the layout carries over and the
+        round costs fewer steps; without it the round is previewed from scratch.
+
         Raises:
-            InvalidInputError: empty prompt or words the model does not know (no round added).
+            InvalidInputError: empty prompt or words the model does not know, or an edit
+                strength leaving no step (no round added).
         """
         check_prompt(prompt, self.engine.tokenizer)
         inputs = GenerationInputs(prompt=prompt, seed=self.seed, steps=self.config.preview_steps,
                                   height=self.engine.native_size_px, width=self.engine.native_size_px)
         started = time.perf_counter()
-        latent = self.engine.generate_latents(inputs, unet=self.engine.device_unet)
-        image = self.engine.decode(self.engine.device_vae, latent)
+        if edit_strength is not None and self.rounds:
+            latent = self.engine.run_img2img(inputs, self.rounds[-1].latent, edit_strength,
+                                             unet=self.engine.device_unet)
+        else:
+            latent = self.engine.generate_latents(inputs, unet=self.engine.device_unet)
+        with torch.no_grad():
+            image = self.engine.decode(self.engine.device_vae, latent)
         current = PreviewRound(prompt, self.seed, latent, image, time.perf_counter() - started)
         self.rounds.append(current)
         return current

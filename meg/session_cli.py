@@ -119,7 +119,8 @@ def run_session_demo(config: SessionDemoConfig = SessionDemoConfig()) -> dict[st
 def _interact(session: Any, out_dir: Path, lines: TextIO, echo: Any) -> None:
     from meg.errors import MegError
 
-    echo("type a prompt to preview it; /final [STRENGTH] refines the last preview; /quit ends")
+    echo("type a prompt to preview it; /edit STRENGTH PROMPT re-noises the last preview for the edited "
+         "prompt; /final [STRENGTH] refines the last preview; /quit ends")
     for raw in lines:
         line = raw.strip()
         if not line:
@@ -134,8 +135,13 @@ def _interact(session: Any, out_dir: Path, lines: TextIO, echo: Any) -> None:
                 image, report = _save_final(result, out_dir)
                 state = "refined by the edge" if result.refined else "edge lost: the last preview is the result"
                 echo(f"final ({state}): {image}, {report}")
+            elif line.startswith("/edit"):
+                words = line.split(maxsplit=2)
+                current = session.preview(words[2] if len(words) > 2 else "", edit_strength=float(words[1]))
+                echo(f"round {len(session.rounds)} (edit): {_save_round(session, out_dir)} "
+                     f"({current.preview_s * 1000:.0f} ms)")
             elif line.startswith("/"):
-                echo(f"unknown command {line.split()[0]!r} (/final, /quit)")
+                echo(f"unknown command {line.split()[0]!r} (/edit, /final, /quit)")
             else:
                 current = session.preview(line)
                 echo(f"round {len(session.rounds)}: {_save_round(session, out_dir)} ({current.preview_s * 1000:.0f} ms)")

@@ -99,3 +99,14 @@ def test_strength_train_command_ships_fp16(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "predictor" / "strength.json").read_text())
     assert meta["n"] == 120 and meta["grid"] == list(GRID) and 0 <= meta["train_within_0_1_of_oracle"] <= 1
     assert StrengthPredictor.load(tmp_path / "predictor").weight.shape == (6,)
+
+
+def test_edit_rounds_are_measured_per_strength(pipeline: Any) -> None:
+    from meg.policy.preview_strength import colour_edits, measure_edits
+
+    pairs = colour_edits(3, 0)
+    assert pairs == colour_edits(3, 0) and all(a != b and a.split()[2:] == b.split()[2:] for a, b in pairs)
+    rows = measure_edits(SplitEngine(pipeline), pairs, (0.5,), steps=2)
+    assert set(rows) == {"from scratch", "edit s=0.5"}
+    assert rows["edit s=0.5"]["steps"] == 1 and rows["from scratch"]["steps"] == 2
+    assert rows["edit s=0.5"]["pixel_change"] > 0

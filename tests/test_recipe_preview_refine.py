@@ -148,12 +148,14 @@ def test_terminal_session_writes_previews_and_reports_errors(client: DeviceClien
 
     session = PreviewSession(client, pipeline)
     said: list[str] = []
-    script = "/final\n   \na red circle\n/bogus\n/final 0.1\na blue circle\n/final 0.5\n/quit\nnot read\n"
+    script = ("/final\n   \na red circle\n/bogus\n/final 0.1\n/edit 0.5 a blue circle\n/edit 0.5\n/final 0.5\n"
+              "/quit\nnot read\n")
     _interact(session, tmp_path, io.StringIO(script), said.append)
     assert "final before any preview" in said[1]
     assert said[2].startswith("round 1") and (tmp_path / "preview-1.png").exists()
     assert "unknown command '/bogus'" in said[3]
     assert said[4].startswith("error:") and "keeps its 1 rounds" in said[4]
+    assert said[5].startswith("round 2 (edit)") and "prompt is empty" in said[6]
     assert said[-1].startswith("final (refined by the edge)") and (tmp_path / "report.json").exists()
     assert [r.prompt for r in session.rounds] == ["a red circle", "a blue circle"]
 
@@ -168,3 +170,16 @@ def test_demo_replays_a_three_round_session(tmp_path: Any) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "preview-1.png", "preview-2.png",
                                                           "preview-3.png", "report.json", "session.json"]
     assert "refined at strength 0.75" in result.output
+
+
+def test_an_edit_round_starts_from_the_previous_preview(client: DeviceClient, pipeline: Any) -> None:
+    session = PreviewSession(client, pipeline, seed=4)
+    first = session.preview(PROMPTS[0])
+    scratch = PreviewSession(client, pipeline, seed=4).preview(PROMPTS[1])
+    edited = session.preview(PROMPTS[1], edit_strength=0.5)
+    # closer to the previous round than a from-scratch preview of the edited prompt is
+    assert (edited.latent - first.latent).abs().mean() < (scratch.latent - first.latent).abs().mean()
+    assert not torch.equal(edited.latent, scratch.latent)
+    with pytest.raises(InvalidInputError, match="strength"):
+        session.preview(PROMPTS[2], edit_strength=0.1)  # int(2 · 0.1) = 0 steps
+    assert len(session.rounds) == 2

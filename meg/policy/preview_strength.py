@@ -29,6 +29,8 @@ __all__ = [
     "StrengthPredictor",
     "StrengthProfileConfig",
     "features",
+    "judge_fidelity",
+    "measure_edits",
     "oracle_strength",
     "profile_strength",
 ]
@@ -59,6 +61,15 @@ def features(engine: SplitEngine, inputs: GenerationInputs, preview_latent: torc
     return torch.cat([pooled.float(), lat.mean(dim=(1, 2)), lat.std(dim=(1, 2))]).numpy().astype(np.float32)
 
 
+def judge_fidelity(spec: Any, image: torch.Tensor) -> float:
+    """The judge's fidelity of one [1, 3, H, W] image to ``spec`` (resized to the judge's 128 px)."""
+    from meg.models.judge import IMAGE_SIZE, detect_objects, score_prompt
+
+    if image.shape[-1] != IMAGE_SIZE:
+        image = torch.nn.functional.interpolate(image, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")
+    return float(score_prompt(spec, detect_objects(image[0]))["fidelity"])
+
+
 def oracle_strength(refine_fidelity: dict[float, float], scratch_fidelity: float, tolerance: float) -> float:
     """Smallest strength whose refined fidelity ≥ scratch − tolerance (the largest if none)."""
     for s in sorted(refine_fidelity):
@@ -67,21 +78,17 @@ def oracle_strength(refine_fidelity: dict[float, float], scratch_fidelity: float
     return max(refine_fidelity)
 
 
+@torch.no_grad()
 def profile_strength(engine: SplitEngine, preview: SplitEngine, prompts: list[str], specs: list[Any],
                      config: StrengthProfileConfig = StrengthProfileConfig()) -> list[dict[str, Any]]:
     """One record per prompt: fidelities (preview, scratch, refine per strength), the oracle,
     the predictor features and the edge/device FLOPs of each path.
 
     ``engine``'s UNet is the edge's refiner; ``preview.device_unet`` the device's previewer."""
-    from meg.models.judge import IMAGE_SIZE, detect_objects, score_prompt
     from meg.split.points import SplitPoint
 
     def fidelity(spec: Any, latent: torch.Tensor) -> float:
-        image = engine.decode(engine.vae, latent)
-        if image.shape[-1] != IMAGE_SIZE:  # the judge reads 128 px images
-            image = torch.nn.functional.interpolate(image, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")
-        image = image[0]
-        return float(score_prompt(spec, detect_objects(image))["fidelity"])
+        return judge_fidelity(spec, engine.decode(engine.vae, latent))
 
     size = engine.native_size_px
     records = []
@@ -224,3 +231,55 @@ def train_strength(records: list[dict[str, Any]], *, ridge: float = 10.0, margin
         if refined_fidelity(records, fitted.predict(x)).mean() >= scratch - quality_slack:
             break
     return fitted
+
+
+EDIT_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan")
+EDIT_SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
+EDIT_PLACES = ("top left", "top right", "bottom left", "bottom right", "center")
+
+
+def colour_edits(n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` (prompt, edited prompt) pairs from the caption words: one object, its colour
+    changed ("a red circle at the top left" → "a blue circle at the top left")."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        a, b = rng.choice(len(EDIT_COLOURS), size=2, replace=False)
+        shape, place = EDIT_SHAPES[rng.integers(len(EDIT_SHAPES))], EDIT_PLACES[rng.integers(len(EDIT_PLACES))]
+        pairs.append((f"a {EDIT_COLOURS[a]} {shape} at the {place}", f"a {EDIT_COLOURS[b]} {shape} at the {place}"))
+    return pairs
+
+
+@torch.no_grad()
+def measure_edits(preview: SplitEngine, pairs: list[tuple[str, str]], strengths: tuple[float, ...], *,
+                  steps: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Edit rounds on the previewer: the edited prompt previewed from scratch vs re-noised
+    from the previous round's preview at each strength. Per method: mean judge fidelity of
+    the edited preview, mean absolute pixel change from the previous preview (layout
+    consistency; lower is steadier) and denoising steps."""
+    from meg.models.captions import parse_prompt
+
+    size = preview.native_size_px
+    rows: dict[str, dict[str, list[float]]] = {}
+
+    def add(name: str, fid: float, change: float, n_steps: int) -> None:
+        row = rows.setdefault(name, {"fidelity": [], "pixel_change": [], "steps": []})
+        row["fidelity"].append(fid)
+        row["pixel_change"].append(change)
+        row["steps"].append(n_steps)
+
+    for i, (before, after) in enumerate(pairs):
+        first = GenerationInputs(prompt=before, seed=seed + i, steps=steps, height=size, width=size)
+        edited = replace(first, prompt=after)
+        spec = parse_prompt(after)
+        previous = preview.generate_latents(first, unet=preview.device_unet)
+        previous_image = preview.decode(preview.device_vae, previous)
+        candidates = {"from scratch": (preview.generate_latents(edited, unet=preview.device_unet), steps)}
+        for s in strengths:
+            candidates[f"edit s={s}"] = (preview.run_img2img(edited, previous, s, unet=preview.device_unet),
+                                         SplitEngine.img2img_steps(steps, s))
+        for name, (latent, n_steps) in candidates.items():
+            image = preview.decode(preview.device_vae, latent)
+            fid = judge_fidelity(spec, image)
+            add(name, fid, float((image - previous_image).abs().mean()), n_steps)
+    return {name: {k: float(np.mean(v)) for k, v in row.items()} for name, row in rows.items()}

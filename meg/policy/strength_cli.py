@@ -56,3 +56,31 @@ def train(profile_path: Path, out_dir: Path) -> None:
     (out_dir / "strength.json").write_text(json.dumps(meta, indent=1) + "\n")
     click.echo(f"trained on {len(records)} requests (within 0.1 of the oracle on {within:.1%}, margin "
                f"{predictor.margin}); wrote {out_dir}")
+
+
+@strength.command("edits")
+@click.option("--model", default="meg-tiny", show_default=True)
+@click.option("-n", "n", type=int, default=100, show_default=True, help="Colour-edit pairs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=2, show_default=True, help="Preview steps.")
+@click.option("--strengths", default="0.5,1.0", show_default=True, help="Edit strengths (comma-separated).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def edits(model: str, n: int, seed: int, steps: int, strengths: str, out: Path) -> None:
+    """Edit rounds on the previewer: from scratch vs re-noising the previous preview."""
+    import torch
+
+    import meg.models  # noqa: F401
+    from meg.policy.preview_strength import colour_edits, measure_edits
+    from meg.recipes.preview_refine import preview_engine
+    from meg.split.loading import load_pipeline
+
+    torch.set_num_threads(1)
+    engine, previewer = preview_engine(load_pipeline(model), model)
+    grid = tuple(float(s) for s in strengths.split(","))
+    rows = measure_edits(engine, colour_edits(n, seed), grid, steps=steps, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": model, "previewer": previewer, "pairs": n, "seed": seed, "steps": steps,
+                               "rows": rows}, indent=1) + "\n")
+    for name, row in rows.items():
+        click.echo(f"{name:<14} fidelity {row['fidelity']:.3f}  pixel change {row['pixel_change']:.4f}  "
+                   f"steps {row['steps']:.0f}")
