@@ -48,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("meg.services.serve_cli:serve", "Run the edge server or the policy service."),
     "devices": ("meg.cli.devices:devices", "Device profiles (latency/energy models) and calibration."),
     "export-onnx": ("meg.split.onnx_cli:export_onnx", "Export a split's device partition to ONNX (cached)."),
+    "ui": ("meg.ui:ui", "Preview-refine in the browser: prompt box, live preview, refine button, final image."),
     "session": ("meg.session_cli:session", "Preview-refine in the terminal: preview each prompt, /final refines on the edge."),
     "policy": ("meg.policy.cli:policy", "Plan split/steps/merge under limits: profile, train (CVPO, PPO), eval."),
     "hybrid": ("meg.policy.hybrid_cli:hybrid", "Hybrid SR controller: measured table, batch decisions."),
