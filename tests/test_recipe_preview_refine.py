@@ -170,6 +170,15 @@ def test_demo_replays_a_three_round_session(tmp_path: Any) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "preview-1.png", "preview-2.png",
                                                           "preview-3.png", "report.json", "session.json"]
     assert "refined at strength 0.75" in result.output
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text())
+    jsonschema.validate(report, schema)
+    assert report["extra"]["preview_refine"]["refine_steps"] == 3
 
 
 def test_an_edit_round_starts_from_the_previous_preview(client: DeviceClient, pipeline: Any) -> None:
