@@ -17,8 +17,8 @@ When the edge is lost the device keeps its last preview as the result; the repor
 ``extra["preview_refine"]["refined"]`` is False and ``fallback`` gives the reason.
 
 The device half finds the preview the session staged for the request's id
-(`PreviewRefineRecipe.stage_preview`); a request without one (``meg generate --recipe
-preview-refine``) previews first on the device with the previewer, in one call.
+(`PreviewRefineRecipe.stage_preview`); a request without one (a plain
+`DeviceClient.generate`) previews first on the device with the previewer, in one call.
 """
 
 from __future__ import annotations
