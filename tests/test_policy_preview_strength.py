@@ -110,3 +110,14 @@ def test_edit_rounds_are_measured_per_strength(pipeline: Any) -> None:
     assert set(rows) == {"from scratch", "edit s=0.5"}
     assert rows["edit s=0.5"]["steps"] == 1 and rows["from scratch"]["steps"] == 2
     assert rows["edit s=0.5"]["pixel_change"] > 0
+
+
+def test_measured_session_times_follow_the_operation_times() -> None:
+    from meg.bench.preview_refine import measure_here, measured_rows
+
+    times = measure_here("tiny-random", ["a red circle"], (0.5,), refine_steps=2, preview_steps=1)
+    assert set(times) == {"preview", "edge_round", "refine:0.5"} and all(t > 0 for t in times.values())
+    rows = measured_rows({"preview": 1.0, "edge_round": 2.0, "refine:0.5": 0.5},
+                         {"refine s=0.5": np.array([0.5, 0.5])}, np.array([3.0, 5.0]))
+    assert [r["mean_time_s"] for r in rows] == [8.0, 4.0, 4.5]
+    assert rows[2]["time_vs_edge_every_round"] == pytest.approx(-0.4375)

@@ -83,9 +83,63 @@ def _method_rows(records: list[dict[str, Any]], strengths: dict[str, np.ndarray]
     return out
 
 
+def measure_here(model: str, prompts: list[str], grid: tuple[float, ...], *, refine_steps: int = 4,
+                 preview_steps: int = 2) -> dict[str, float]:
+    """Mean wall seconds on this machine (one torch thread, edge and device alike) of a
+    preview round (previewer + decode), an edge round (edge UNet from scratch + decode) and
+    a refine at each strength (img2img + decode)."""
+    import contextlib
+    import time
+    from collections.abc import Iterator
+    from dataclasses import replace
+
+    import torch
+
+    import meg.models  # noqa: F401
+    from meg.recipes.preview_refine import preview_engine
+    from meg.split.engine import GenerationInputs
+    from meg.split.loading import load_pipeline
+
+    pipeline = load_pipeline(model)
+    engine, _ = preview_engine(pipeline, model)
+    size = engine.native_size_px
+    totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        with torch.no_grad():
+            yield
+        totals[name] = totals.get(name, 0.0) + time.perf_counter() - started
+
+    for i, prompt in enumerate(prompts):
+        base = GenerationInputs(prompt=prompt, seed=i, steps=refine_steps, height=size, width=size)
+        with timed("preview"):
+            latent = engine.generate_latents(replace(base, steps=preview_steps), unet=engine.device_unet)
+            engine.decode(engine.vae, latent)
+        with timed("edge_round"):
+            engine.decode(engine.vae, engine.generate_latents(base))
+        for s in grid:
+            with timed(f"refine:{s}"):
+                engine.decode(engine.vae, engine.run_img2img(base, latent, s))
+    return {k: v / len(prompts) for k, v in totals.items()}
+
+
+def measured_rows(times: dict[str, float], strengths: dict[str, np.ndarray], rounds: np.ndarray) -> list[dict[str, Any]]:
+    """Mean measured session time per method from `measure_here`'s per-operation times."""
+    rows = [("edge every round", rounds * times["edge_round"]), ("preview only", rounds * times["preview"])]
+    for name, s in strengths.items():
+        rows.append((name, rounds * times["preview"] + np.asarray([times[f"refine:{float(v)}"] for v in s])))
+    base = float(rows[0][1].mean())
+    preview = float(rows[1][1].mean())
+    return [{"method": name, "mean_time_s": float(t.mean()), "time_vs_edge_every_round": float(t.mean()) / base - 1,
+             "time_vs_preview_only": float(t.mean()) / preview - 1} for name, t in rows]
+
+
 def run_bench(train_profile: Path, heldout_profile: Path, config: PreviewRefineBenchConfig = PreviewRefineBenchConfig(),
-              predictor_dir: Path | None = None) -> dict[str, Any]:
-    """The comparison as a dict (rows per method, predictor agreement with the oracle)."""
+              predictor_dir: Path | None = None, measure: int = 0) -> dict[str, Any]:
+    """The comparison as a dict (rows per method, predictor agreement with the oracle); with
+    ``measure`` > 0 also the session times measured here on that many held-out prompts."""
     from meg.policy.preview_strength import (
         StrengthPredictor,
         load_profile_records,
@@ -107,6 +161,10 @@ def run_bench(train_profile: Path, heldout_profile: Path, config: PreviewRefineB
     strengths["refine, predictor"] = predicted
     strengths["refine, oracle"] = oracle
     rows = _method_rows(heldout, strengths, rounds, config)
+    measured: dict[str, Any] = {}
+    if measure > 0:
+        times = measure_here(str(header.get("model", "meg-tiny")), [r["prompt"] for r in heldout[:measure]], grid)
+        measured = {"prompts": measure, "per_operation_s": times, "rows": measured_rows(times, strengths, rounds)}
     return {
         "config": asdict(config), "profile": header, "sessions": n, "mean_rounds": float(rounds.mean()),
         "predictor": {"grid": list(grid), "margin": predictor.margin,
@@ -114,7 +172,7 @@ def run_bench(train_profile: Path, heldout_profile: Path, config: PreviewRefineB
                       "below_oracle": float(np.mean(predicted < oracle - 1e-9)),
                       "oracle_histogram": {str(s): int(np.sum(oracle == s)) for s in grid},
                       "predicted_histogram": {str(s): int(np.sum(predicted == s)) for s in grid}},
-        "rows": rows, "paper": PAPER,
+        "rows": rows, "measured_here": measured, "paper": PAPER,
     }
 
 
@@ -144,21 +202,31 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 @click.option("--predictor", "predictor_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A shipped predictor folder (default: fit on --train-profile).")
 @click.option("--sessions", type=int, default=PreviewRefineBenchConfig.sessions, show_default=True)
+@click.option("--measure", type=int, default=20, show_default=True,
+              help="Held-out prompts whose operations are also timed here (0: modelled only).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("benchmarks/results/preview_refine.json"), show_default=True)
 @click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("benchmarks/results/preview_refine.png"), show_default=True)
 def bench_preview_refine(train_profile: Path, heldout_profile: Path, predictor_dir: Path | None, sessions: int,
-                         json_path: Path, png_path: Path) -> None:
+                         measure: int, json_path: Path, png_path: Path) -> None:
     """Sessions of 3-6 rounds: edge every round, preview only, preview + refine (fixed s,
     predictor, oracle); modelled time, edge FLOPs, final fidelity. Table, JSON, PNG."""
     config = PreviewRefineBenchConfig(sessions=sessions)
-    result = run_bench(train_profile, heldout_profile, config, predictor_dir)
+    import torch
+
+    torch.set_num_threads(1)
+    result = run_bench(train_profile, heldout_profile, config, predictor_dir, measure)
     click.echo(f"{'method':<22} {'time s':>8} {'vs edge':>8} {'vs prev':>8} {'edge GF':>8} {'vs edge':>8} {'fidelity':>8}")
     for r in result["rows"]:
         click.echo(f"{r['method']:<22} {r['mean_time_s']:>8.4f} {r['time_vs_edge_every_round']:>+8.1%} "
                    f"{r['time_vs_preview_only']:>+8.1%} {r['edge_flops_per_session'] / 1e9:>8.3f} "
                    f"{r['edge_flops_vs_edge_every_round']:>+8.1%} {r['final_fidelity']:>8.3f}")
+    if result["measured_here"]:
+        click.echo(f"measured here ({measure} prompts, one thread, edge and device on this CPU):")
+        for r in result["measured_here"]["rows"]:
+            click.echo(f"{r['method']:<22} {r['mean_time_s']:>8.4f} {r['time_vs_edge_every_round']:>+8.1%} "
+                       f"{r['time_vs_preview_only']:>+8.1%}")
     p = result["predictor"]
     click.echo(f"predictor within 0.1 of the oracle on {p['within_0.1_of_oracle']:.1%} of {result['sessions']} held-out "
                f"requests (below it on {p['below_oracle']:.1%}); margin {p['margin']}")
