@@ -22,7 +22,6 @@ and the measure:
 from __future__ import annotations
 
 import json
-import math
 import platform
 import tempfile
 import time
@@ -37,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meg.split import regions
+from meg.split.image_quality import psnr_db, ssim
 
 __all__ = ["bench_sr", "psnr_db", "run_sr_bench", "ssim"]
 
@@ -45,31 +45,6 @@ GRID = 4
 MARGIN_LR_PX = 4
 OBJECT_CELL_COVERAGE = 0.02
 """A cell "holds an object" when object pixels cover at least this share of it."""
-
-
-def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR of images in [0, 1] (whole batch pooled)."""
-    mse = float(F.mse_loss(x.clamp(0, 1), y))
-    return 10 * math.log10(1 / max(mse, 1e-12))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean SSIM (Wang et al. 2004: 11×11 Gaussian window, σ 1.5) of [B, C, H, W] in [0, 1]."""
-    g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-    g = g / g.sum()
-    c = x.shape[1]
-    window = (g[:, None] * g[None, :]).expand(c, 1, 11, 11).contiguous()
-
-    def blur(z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(z, window, groups=c)
-
-    x, y = x.clamp(0, 1).double(), y.double()
-    window = window.double()
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(s.mean())
 
 
 def _object_pixels(images: torch.Tensor) -> torch.Tensor:

@@ -146,12 +146,12 @@ def _measure_generation(config: HybridProfileConfig, resolutions: list[int], log
 def _measure_sr(config: HybridProfileConfig, log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from diffusers import AutoencoderKL
 
-    from meg.bench.sr import psnr_db, ssim
     from meg.codecs.chain import encode
     from meg.models.registry import model_dir
     from meg.models.sr import load_diffusion_sr
     from meg.models.world import WorldConfig, render, sample_scenes
     from meg.split import regions
+    from meg.split.image_quality import psnr_db, ssim
 
     folder = model_dir(config.model)
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
