@@ -173,6 +173,11 @@ def test_training_commands_write_loadable_components(tmp_path: Path, family_vae:
     assert record["run"]["steps"] == 3 and record["train"]["seed"] == 0
     upscaler = load_diffusion_sr(family_vae)
     assert upscaler(torch.rand(1, 3, 8, 8), 2, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 16, 16)
+    # a continuation starts from the first run's weights and records it
+    result = CliRunner().invoke(sr_diffusion, [*args, "--steps", "2", "--warm-start", str(work / "sr_diffusion.pt")])
+    assert result.exit_code == 0, result.output
+    run = json.loads((family_vae / "sr_unet" / "training.json").read_text())["run"]
+    assert run["steps"] == 2 and run["warm_start_steps"] == 3
 
 
 def test_training_pairs_are_aligned(tmp_path: Path, family_vae: Path) -> None:

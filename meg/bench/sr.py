@@ -17,6 +17,8 @@ and the measure:
 - `seam_ratio`: border vs near-border gradient (`meg.split.regions.seam_ratio`), also
   for the ground truth itself.
 - `onnx_max_abs_diff`: ONNX Runtime vs torch on the light model.
+- `bicubic_clean_input`: bicubic from the area-downsampled ground truth instead of the
+  generator's image: the ceiling the decoder's error leaves to any upscaler.
 """
 
 from __future__ import annotations
@@ -142,6 +144,11 @@ def run_sr_bench(*, model: str = "meg-tiny", n_images: int = 12, n_everywhere: i
         with torch.no_grad():
             out_light = light(lr).clamp(0, 1)
         outputs = {"bicubic": upsample_bicubic(lr, scale), "light": out_light}
+        # the same upscaling of a clean input (the render area-downsampled): what the
+        # generator's decoder costs before any SR runs
+        clean = upsample_bicubic(F.interpolate(hr, scale_factor=1 / scale, mode="area"), scale)
+        row("bicubic_clean_input", scale, "psnr_db", psnr_db(clean, hr), n_images)
+        row("bicubic_clean_input", scale, "ssim", ssim(clean, hr), n_images)
         # ONNX Runtime equals torch
         with tempfile.TemporaryDirectory() as tmp:
             runner = LightSROnnx(export_light_sr(light, Path(tmp) / "light.onnx"))
@@ -170,9 +177,14 @@ def run_sr_bench(*, model: str = "meg-tiny", n_images: int = 12, n_everywhere: i
             hit, total = _judge_shapes(out, scenes)
             row(method, scale, "judge_shape_acc", hit / total, total)
         row("gt", scale, "judge_shape_acc", _judge_shapes(hr, scenes)[0] / _judge_shapes(hr, scenes)[1], n_images)
-        for method, out in (("light", outputs["light"][:m]), ("hybrid", outputs["hybrid"][:m]), ("diffusion", everywhere)):
-            row(method, scale, "psnr_db_subset", psnr_db(out, hr[:m]), m)
-            row(method, scale, "ssim_subset", ssim(out, hr[:m]), m)
+        subset = {"light": outputs["light"][:m], "hybrid": outputs["hybrid"][:m], "diffusion": everywhere}
+        for measure, fn in (("psnr_db", psnr_db), ("ssim", ssim)):
+            values = {method: fn(out, hr[:m]) for method, out in subset.items()}
+            for method, value in values.items():
+                row(method, scale, f"{measure}_subset", value, m)
+            # Hybrid's share of diffusion-everywhere's gain over light-everywhere (the paper's premise)
+            gain = values["diffusion"] - values["light"]
+            row("hybrid", scale, f"{measure}_gain_fraction", (values["hybrid"] - values["light"]) / gain if gain else float("nan"), m)
         fg_d, fg_l, fg_gt = torch.cat(diff_fg_patches), torch.cat(light_fg_patches), torch.cat(gt_fg_patches)
         for method, patches in (("diffusion", fg_d), ("light", fg_l)):
             row(method, scale, "fg_psnr_db", psnr_db(patches, fg_gt), len(fg_gt))
@@ -185,7 +197,9 @@ def run_sr_bench(*, model: str = "meg-tiny", n_images: int = 12, n_everywhere: i
         device = _patch_gflops(models, lr_px, [c for c in range(GRID * GRID) if c not in cells0], scale, "light")
         row("hybrid", scale, "edge_gflops", edge, 1)
         row("hybrid", scale, "device_gflops", device, 1)
-        row("diffusion", scale, "gflops", _patch_gflops(models, lr_px, list(range(GRID * GRID)), scale, "diffusion"), 1)
+        everywhere_gflops = _patch_gflops(models, lr_px, list(range(GRID * GRID)), scale, "diffusion")
+        row("diffusion", scale, "gflops", everywhere_gflops, 1)
+        row("hybrid", scale, "edge_cost_fraction", edge / everywhere_gflops, 1)
         # seams
         row("hybrid", scale, "seam_ratio", regions.seam_ratio(outputs["hybrid"]), n_images)
         row("light", scale, "seam_ratio", regions.seam_ratio(outputs["light"]), n_images)
@@ -207,6 +221,12 @@ def run_sr_bench(*, model: str = "meg-tiny", n_images: int = 12, n_everywhere: i
         pix = regions.cell_mask(chosen, 128, 128)
         row(f"partition_g{gamma:g}", 4, "object_recall", float((pix & objects128).sum() / objects128.sum()), n_images)
         row(f"partition_g{gamma:g}", 4, "pixel_iou", float(regions.mask_iou(pix, objects128).mean()), n_images)
+        # the best any choice of as many cells can do: the cells with the most object pixels
+        k = regions.foreground_count(gamma, GRID * GRID)
+        best = torch.zeros_like(truth.flatten(1))
+        best.scatter_(1, torch.sort(-coverage.flatten(1), dim=1, stable=True).indices[:, :k], True)
+        best_iou = (best & truth.flatten(1)).sum(1).float() / (best | truth.flatten(1)).sum(1).float().clamp(min=1)
+        row(f"oracle_g{gamma:g}", 4, "iou", float(best_iou.mean()), n_images)
     row("partition_truth", 4, "object_cells_mean", float(truth.flatten(1).sum(1).float().mean()), n_images)
     if figures is not None:
         _figure_3(figure_data, figures / "sr_fig3.png")

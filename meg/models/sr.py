@@ -56,8 +56,10 @@ class LightSRConfig:
     """Channels of the conv body."""
     num_conv: int = 8
     """3×3 convs after the first (each followed by PReLU)."""
-    base: Literal["nearest", "bilinear"] = "bilinear"
-    """How the input is upsampled before the learned residual is added (Real-ESRGAN: nearest)."""
+    base: Literal["nearest", "bilinear", "bicubic"] = "bicubic"
+    """How the input is upsampled before the learned residual is added (Real-ESRGAN:
+    nearest). Bicubic: a zero residual is already the bicubic baseline, so training only
+    has to find what improves on it."""
     in_channels: int = 3
     out_channels: int = 3
 
@@ -90,7 +92,7 @@ class SRVGGNetCompact(nn.Module):
         if self.config.base == "nearest":
             base = F.interpolate(x, scale_factor=self.scale, mode="nearest")
         else:
-            base = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+            base = F.interpolate(x, scale_factor=self.scale, mode=self.config.base, align_corners=False)
         return out + base
 
 

@@ -53,12 +53,16 @@ def sr_light(work_dir: Path, model_dir: Path, threads: int, steps: int | None, s
     torch.set_num_threads(threads)
     runs = train_light_sr(model_dir, work_dir, _config(smoke, seed, steps, "light_steps"), scales=tuple(int(s) for s in scales))
     for scale, run in runs.items():
-        click.echo(f"sr-light x{scale}: {run['time_s']:.0f} s, final L1 {run['final_loss']:.4f}; wrote {model_dir / f'sr_light_x{scale}'}")
+        click.echo(f"sr-light x{scale}: {run['time_s']:.0f} s, final loss (MSE) {run['final_loss']:.4f}; wrote {model_dir / f'sr_light_x{scale}'}")
 
 
 @click.command(name="sr-diffusion")
 @_options
-def sr_diffusion(work_dir: Path, model_dir: Path, threads: int, steps: int | None, seed: int, smoke: bool) -> None:
+@click.option("--lr", type=float, default=None, help="Learning rate (default: SRTrainConfig's).")
+@click.option("--warm-start", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Start from the weights of an earlier run's checkpoint (work-dir/sr_diffusion.pt): a continuation.")  # fmt: skip
+def sr_diffusion(work_dir: Path, model_dir: Path, threads: int, steps: int | None, seed: int, smoke: bool, lr: float | None,
+                 warm_start: Path | None) -> None:  # fmt: skip
     """Train the edge's diffusion upscaler (UNet2DModel, ×2 and ×4) on world pairs."""
     import torch
 
@@ -66,5 +70,10 @@ def sr_diffusion(work_dir: Path, model_dir: Path, threads: int, steps: int | Non
 
     _check_family(model_dir)
     torch.set_num_threads(threads)
-    run = train_diffusion_sr(model_dir, work_dir, _config(smoke, seed, steps, "diffusion_steps"))
+    from dataclasses import replace
+
+    config = _config(smoke, seed, steps, "diffusion_steps")
+    if lr is not None:
+        config = replace(config, diffusion_lr=lr)
+    run = train_diffusion_sr(model_dir, work_dir, config, warm_start=warm_start)
     click.echo(f"sr-diffusion: {run['time_s']:.0f} s, final loss {run['final_loss']:.4f}; wrote {model_dir / 'sr_unet'}")

@@ -13,7 +13,9 @@ both 128 → 256 and 256 → 512 (a 512-px target generated at 256). Crops are c
 object with probability `object_crops` (objects cover a few percent of a scene, and the
 foreground patches that diffusion SR sees are object regions).
 
-**Light SR**: L1 loss (Real-ESRGAN's PSNR-oriented stage), one model per scale.
+**Light SR**: MSE loss, residual over bicubic with the last conv zero-initialised (with
+L1 and a bilinear base the residual stayed at zero for 1,000s of steps on these pairs),
+one model per scale.
 **Diffusion SR**: x0 (residual) prediction, cosine schedule, uniform timesteps, one
 model for both scales (class label = scale), sampled with DDIM.
 """
@@ -58,7 +60,10 @@ class SRTrainConfig:
     n_scenes_256: int = 128
     """Further scenes generated at 256 px (pairs for ×2 → 512)."""
     object_crops: float = 0.7
-    """Fraction of crops centred (jittered) on one of the scene's objects."""
+    """Fraction of diffusion SR crops centred (jittered) on one of the scene's objects (it
+    upscales the foreground)."""
+    light_object_crops: float = 0.3
+    """The same for light SR, which upscales mostly background."""
     light_steps: int = 3000
     light_batch: int = 16
     light_crop: int = 32
@@ -207,14 +212,25 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def _loop(name: str, work_dir: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, config: SRTrainConfig,
-          step_fn: Callable[[int, torch.Generator], torch.Tensor], progress: bool) -> dict[str, Any]:  # fmt: skip
-    """Seeded training loop with checkpoints (a resumed run draws the same batches)."""
+          step_fn: Callable[[int, torch.Generator], torch.Tensor], progress: bool, *,
+          warm_start: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Seeded training loop with checkpoints (a resumed run draws the same batches).
+
+    `warm_start`: a finished checkpoint of an earlier run whose weights this run starts
+    from (a fresh schedule and optimiser; the batches are drawn with seeds past its steps)."""
     ckpt = work_dir / f"{name}.pt"
     history: dict[str, list[float]] = {"step": [], "loss": []}
-    start, elapsed = 0, 0.0
+    start, elapsed, offset = 0, 0.0, 0
+    extra: dict[str, Any] = {}
+    if warm_start is not None:
+        earlier = torch.load(warm_start, map_location="cpu", weights_only=True)
+        module.load_state_dict(earlier["module"])
+        offset = int(earlier["step"])
+        extra = {"warm_start_steps": offset, "warm_start_time_s": round(float(earlier["elapsed_s"]), 1),
+                 "warm_start_final_loss": earlier["history"]["loss"][-1]}  # fmt: skip
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state["steps"] == steps:
+        if state["steps"] == steps and state.get("offset", 0) == offset:
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
             history, start, elapsed = state["history"], state["step"], state["elapsed_s"]
@@ -226,7 +242,7 @@ def _loop(name: str, work_dir: Path, module: torch.nn.Module, opt: torch.optim.O
     for step in bar:
         for g, lr in zip(opt.param_groups, base, strict=True):
             g["lr"] = lr * _lr_factor(step, steps, config.warmup_steps)
-        loss = step_fn(step, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+        loss = step_fn(step, torch.Generator().manual_seed(config.seed * 1_000_003 + offset + step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -239,14 +255,15 @@ def _loop(name: str, work_dir: Path, module: torch.nn.Module, opt: torch.optim.O
             window = []
         if (step + 1) % config.checkpoint_every == 0 or step == steps - 1:
             state = {"module": module.state_dict(), "optimizer": opt.state_dict(), "history": history, "step": step + 1,
-                     "steps": steps, "elapsed_s": elapsed + time.perf_counter() - t0}  # fmt: skip
+                     "steps": steps, "offset": offset, "elapsed_s": elapsed + time.perf_counter() - t0}  # fmt: skip
             torch.save(state, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
     module.eval()
     from meg.models.training import plot_losses
 
     plot_losses(history, work_dir / f"{name}-loss.png", title=f"meg-tiny {name}")
-    return {"steps": steps, "time_s": round(elapsed + time.perf_counter() - t0, 1), "final_loss": history["loss"][-1] if history["loss"] else None}
+    return {"steps": steps, "time_s": round(elapsed + time.perf_counter() - t0, 1),
+            "final_loss": history["loss"][-1] if history["loss"] else None, **extra}  # fmt: skip
 
 
 def _record(folder: Path, name: str, config: SRTrainConfig, run: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -264,11 +281,16 @@ def train_light_sr(model_dir: Path, work_dir: Path, config: SRTrainConfig = SRTr
     for scale in scales:
         torch.manual_seed(config.seed + scale)
         model = SRVGGNetCompact(LightSRConfig(scale=scale, num_feat=config.light_num_feat, num_conv=config.light_num_conv))
+        # a zero residual is the bicubic baseline: training starts there instead of at noise
+        last = model.body[-1]
+        assert isinstance(last, torch.nn.Conv2d)
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
         opt = torch.optim.Adam(model.parameters(), lr=config.light_lr)
 
         def step(i: int, gen: torch.Generator, model: SRVGGNetCompact = model, scale: int = scale) -> torch.Tensor:
-            x, y = sample_batch(pairs, scale, config.light_batch, config.light_crop, config.object_crops, gen)
-            return F.l1_loss(model(x), y)
+            x, y = sample_batch(pairs, scale, config.light_batch, config.light_crop, config.light_object_crops, gen)
+            return F.mse_loss(model(x), y)
 
         run = _loop(f"sr_light_x{scale}", work_dir, model, opt, config.light_steps, config, step, progress)
         folder = model_dir / f"sr_light_x{scale}"
@@ -279,8 +301,10 @@ def train_light_sr(model_dir: Path, work_dir: Path, config: SRTrainConfig = SRTr
 
 
 def train_diffusion_sr(model_dir: Path, work_dir: Path, config: SRTrainConfig = SRTrainConfig(), *,
-                       progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Train the diffusion upscaler (×2 and ×4); writes model_dir/sr_unet/ and sr_scheduler/."""
+                       progress: bool = True, warm_start: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train the diffusion upscaler (×2 and ×4); writes model_dir/sr_unet/ and sr_scheduler/.
+
+    `warm_start`: continue from the weights of an earlier run's checkpoint (see `_loop`)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     pairs = _pairs_cached(work_dir, model_dir, config, progress)
@@ -303,7 +327,8 @@ def train_diffusion_sr(model_dir: Path, work_dir: Path, config: SRTrainConfig = 
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         return F.mse_loss(upscaler.denoise(noisy, base * 2 - 1, t, scale), x0)
 
-    run = _loop("sr_diffusion", work_dir, unet, opt, config.diffusion_steps, config, step, progress)
+    name = "sr_diffusion" if warm_start is None else "sr_diffusion_continued"
+    run = _loop(name, work_dir, unet, opt, config.diffusion_steps, config, step, progress, warm_start=warm_start)
     upscaler.save(model_dir, unet_name="sr_unet", scheduler_name="sr_scheduler")
     _record(model_dir / "sr_unet", "sr_unet", config, run, {"parameters": sum(p.numel() for p in unet.parameters())})
     return run
