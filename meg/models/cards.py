@@ -192,7 +192,8 @@ def write_cards(model_dir: Path) -> None:
         "",
         "The independent writer's prompts (`prompts/independent.jsonl`, `meg eval write-prompts --seed 4242`) are phrased by "
         "`meg.models.prompt_writer`, whose constructions no training caption uses; they carry their ground truth, which the judge "
-        "scores against. Accuracy per requested attribute:",
+        "scores against (what was tried to close the gap, and what did not help: `docs/meg-tiny-generalisation.md`). "
+        "Accuracy per requested attribute:",
         "",
         *attribute_rows,
         "",
