@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "preview-refine": ("meg.bench.preview_refine:bench_preview_refine",
                        "Preview-refine sessions: edge every round, preview only, refine at fixed/predicted/oracle s."),
     "sr": ("meg.bench.sr:bench_sr", "Hybrid SR: light vs bicubic vs diffusion SR, partition IoU, seams, FLOPs."),
+    "hybrid": ("meg.bench.hybrid:bench_hybrid", "Hybrid SR controller: SA vs exact vs the paper's baselines, K users."),
 }
 
 
