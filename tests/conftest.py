@@ -34,3 +34,16 @@ def engine(pipeline: Any) -> Any:
     from meg.split.engine import SplitEngine
 
     return SplitEngine(pipeline)
+
+
+@pytest.fixture(scope="module")
+def edge(pipeline: Any) -> Iterator[Any]:
+    """An edge server on 127.0.0.1:0 serving the module's tiny-random pipeline (in-process rule policy)."""
+    from meg.services.background import ServiceLoop, start_edge
+    from meg.services.edge import EdgeConfig
+
+    loop = ServiceLoop()
+    server = start_edge(EdgeConfig(port=0, model="tiny-random"), pipeline=pipeline, loop=loop)
+    yield server
+    server.stop(0)
+    loop.close()

@@ -12,23 +12,13 @@ from meg.errors import InvalidInputError
 from meg.recipes.plan import make_plan
 from meg.recipes.preview_refine import PreviewRefineRecipe, check_prompt, preview_refine_plan
 from meg.recipes.registry import recipe_by_name, recipe_for
-from meg.services.background import RunningServer, ServiceLoop, start_edge
+from meg.services.background import RunningServer
 from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
-from meg.services.edge import EdgeConfig
 from meg.session import PreviewSession
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.v1 import generation_pb2 as gen_pb
 
 PROMPTS = ("a red circle", "a blue circle", "a blue circle above a green square")
-
-
-@pytest.fixture(scope="module")
-def edge(pipeline: Any) -> Iterator[RunningServer]:
-    loop = ServiceLoop()
-    server = start_edge(EdgeConfig(port=0, model="tiny-random"), pipeline=pipeline, loop=loop)
-    yield server
-    server.stop(0)
-    loop.close()
 
 
 @pytest.fixture(scope="module")

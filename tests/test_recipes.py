@@ -26,7 +26,7 @@ from meg.recipes.base import (
 from meg.recipes.plan import Plan, make_plan, plan_from_proto, plan_to_proto
 from meg.recipes.registry import register, unregister
 from meg.recipes.report import PartCost
-from meg.services.background import RunningServer, ServiceLoop, start_edge
+from meg.services.background import RunningServer
 from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
 from meg.services.edge import EdgeConfig
 from meg.split.engine import GenerationInputs, SplitEngine
@@ -35,15 +35,6 @@ from meg.split.points import SplitPoint
 from meg.v1 import generation_pb2 as gen_pb
 
 PROMPT = "a red circle"
-
-
-@pytest.fixture(scope="module")
-def edge(pipeline: Any) -> Iterator[RunningServer]:
-    loop = ServiceLoop()
-    server = start_edge(EdgeConfig(port=0, model="tiny-random"), pipeline=pipeline, loop=loop)
-    yield server
-    server.stop(0)
-    loop.close()
 
 
 # -- a new recipe is one module: this one lives in this test file ------------------------------

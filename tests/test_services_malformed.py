@@ -3,29 +3,18 @@ edge keeps serving."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 
 from meg.recipes.plan import make_plan, plan_to_proto
-from meg.services.background import RunningServer, ServiceLoop, start_edge
+from meg.services.background import RunningServer
 from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
-from meg.services.edge import EdgeConfig
 from meg.v1 import edge_service_pb2 as edge_pb
 from meg.v1 import generation_pb2 as gen_pb
 
 GENERATE = "/meg.v1.EdgeService/Generate"
-
-
-@pytest.fixture(scope="module")
-def edge(pipeline: Any) -> Iterator[RunningServer]:
-    loop = ServiceLoop()
-    server = start_edge(EdgeConfig(port=0, model="tiny-random"), pipeline=pipeline, loop=loop)
-    yield server
-    server.stop(0)
-    loop.close()
 
 
 def _start_bytes() -> bytes:

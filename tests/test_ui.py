@@ -11,20 +11,10 @@ from typing import Any
 
 import pytest
 
-from meg.services.background import RunningServer, ServiceLoop, start_edge
+from meg.services.background import RunningServer
 from meg.services.client import ClientConfig, DeviceClient
-from meg.services.edge import EdgeConfig
 from meg.session import PreviewSession
 from meg.ui import UiServer, make_ui_server
-
-
-@pytest.fixture(scope="module")
-def edge(pipeline: Any) -> Iterator[RunningServer]:
-    loop = ServiceLoop()
-    server = start_edge(EdgeConfig(port=0, model="tiny-random"), pipeline=pipeline, loop=loop)
-    yield server
-    server.stop(0)
-    loop.close()
 
 
 @pytest.fixture()
