@@ -285,7 +285,8 @@ def train_light_sr(model_dir: Path, work_dir: Path, config: SRTrainConfig = SRTr
         last = model.body[-1]
         assert isinstance(last, torch.nn.Conv2d)
         torch.nn.init.zeros_(last.weight)
-        torch.nn.init.zeros_(last.bias)
+        if last.bias is not None:
+            torch.nn.init.zeros_(last.bias)
         opt = torch.optim.Adam(model.parameters(), lr=config.light_lr)
 
         def step(i: int, gen: torch.Generator, model: SRVGGNetCompact = model, scale: int = scale) -> torch.Tensor:
