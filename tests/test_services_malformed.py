@@ -41,3 +41,34 @@ def test_malformed_request_messages_are_invalid_argument(edge: RunningServer, pi
     with DeviceClient(edge.address, ClientConfig(runtime="eager", fallback=False), pipeline=pipeline) as client:
         result = client.generate(DeviceRequest(prompt="a blue square", plan=make_plan("decoder", steps=1)))
     assert not result.report.fallback.used
+
+
+@pytest.mark.parametrize(("method", "payload"), [
+    ("Decide", b"\xff\xff\xff"),
+    ("Decide", b"\x0a\x05\x0a\x03"),  # an observation that runs past the message's end
+    ("DecideBatch", b"\xff\x01"),
+])
+def test_malformed_policy_requests_are_invalid_argument(method: str, payload: bytes) -> None:
+    from meg.services.background import ServiceLoop, start_policy
+    from meg.services.policy_server import PolicyServerConfig
+    from meg.v1 import policy_service_pb2 as policy_pb
+
+    loop = ServiceLoop()
+    policy = start_policy(PolicyServerConfig(port=0), loop=loop)
+    try:
+        with grpc.insecure_channel(policy.address) as channel:
+            raw = channel.unary_unary(f"/meg.v1.PolicyService/{method}", request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as info:
+                raw(payload, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid meg.v1." in (info.value.details() or "")
+            # and it keeps answering good requests
+            good = channel.unary_unary("/meg.v1.PolicyService/Decide",
+                                       request_serializer=policy_pb.DecideRequest.SerializeToString,
+                                       response_deserializer=policy_pb.DecideResponse.FromString)
+            answer = good(policy_pb.DecideRequest(observation=policy_pb.Observation()), timeout=10)
+            assert answer.plan.steps >= 1
+    finally:
+        policy.stop(0)
+        loop.close()

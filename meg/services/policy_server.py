@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from meg.services.limits import ServiceLimits, validate_plan
@@ -54,6 +56,39 @@ class PolicyServerConfig:
     """Port of a Prometheus `/metrics` endpoint; None turns it off."""
     grace_s: float = 2.0
     """Seconds in-flight calls get to finish on shutdown."""
+
+
+def _parsing(method: Any, request_type: Any) -> Any:
+    """``method`` behind a parser of the raw request bytes: bytes that are not a
+    ``request_type`` are the client's fault (INVALID_ARGUMENT, a one-line warning), where
+    grpc's own deserializer would answer UNKNOWN before any handler ran."""
+    name = request_type.DESCRIPTOR.full_name
+
+    async def handler(raw: bytes, context: aio.ServicerContext) -> Any:
+        try:
+            request = request_type.FromString(raw)
+        except DecodeError as exc:
+            message = f"request: not a valid {name} ({exc})"
+            log_event(_log, "decide.error", level=logging.WARNING, code="INVALID_ARGUMENT", error=message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        return await method(request, context)
+
+    return handler
+
+
+def _add_parsing_servicer(servicer: PolicyServicer, server: aio.Server) -> None:
+    """Register the servicer's RPCs (as the generated `add_PolicyServiceServicer_to_server`),
+    parsing requests in the handler (`_parsing`)."""
+    rpcs: dict[str, tuple[Any, Any, Any]] = {
+        "Decide": (servicer.Decide, policy_pb.DecideRequest, policy_pb.DecideResponse),
+        "DecideBatch": (servicer.DecideBatch, policy_pb.DecideBatchRequest, policy_pb.DecideBatchResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(_parsing(method, request_type),
+                                                  response_serializer=response_type.SerializeToString)
+        for name, (method, request_type, response_type) in rpcs.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 class PolicyServicer(policy_grpc.PolicyServiceServicer):
@@ -126,7 +161,7 @@ async def create_policy_server(config: PolicyServerConfig = PolicyServerConfig()
 
         policy = rule_policy()
     servicer = PolicyServicer(policy, config.limits, ServiceMetrics("policy"))
-    policy_grpc.add_PolicyServiceServicer_to_server(servicer, server)
+    _add_parsing_servicer(servicer, server)
     health = enable_health_and_reflection(server, [SERVICE_NAME])
     await set_serving(health, [SERVICE_NAME], False)
     return PolicyServer(server, port, config, servicer, health), port
