@@ -33,6 +33,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from meg.errors import DeadlineExceededError, InvalidInputError, NonFiniteError, SplitError
+from meg.split.batching import StepBatcher
 from meg.split.flops import PartitionFlops, partition_flops
 from meg.split.points import SplitPoint
 from meg.split.tome import ToMeAdapter, unet_lock
@@ -189,6 +191,8 @@ class SplitEngine:
         self.native_size_px = int(self.unet.config.sample_size) * self.vae_scale_factor
         """Image side the UNet was built for; requests that give no size get it."""
         self.tome = ToMeAdapter(self.unet)
+        self.batcher: StepBatcher | None = None
+        """Step-level batching of the edge UNet across requests (`enable_batching`); None: off."""
         # Fast (Rust) tokenizers refuse concurrent use from several threads.
         self._tokenizer_lock = threading.Lock()
         self._multistep = hasattr(self.scheduler, "model_outputs") or getattr(self.scheduler, "order", 1) != 1
@@ -400,6 +404,30 @@ class SplitEngine:
             kwargs["generator"] = torch.Generator("cpu").manual_seed((inputs.seed * 1_000_003 + i + 1) % 2**63)
         return scheduler.step(noise_pred, t, latents, **kwargs)[0]
 
+    def enable_batching(self, *, max_batch: int, max_wait_s: float) -> StepBatcher:
+        """Share the edge UNet's calls of concurrent `run_edge` requests (see `meg.split.batching`);
+        each request's result stays its unbatched result. Returns the batcher (its `stats`)."""
+        if self.batcher is not None:
+            self.batcher.close()
+        self.batcher = StepBatcher(self.unet, self.tome, max_batch=max_batch, max_wait_s=max_wait_s)
+        return self.batcher
+
+    def disable_batching(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
+
+    def _batch_session(self) -> AbstractContextManager[None]:
+        return self.batcher.session() if self.batcher is not None else nullcontext()
+
+    def _edge_unet(self, x: torch.Tensor, t: torch.Tensor, cond: TextConditioning, tome_ratio: float,
+                   generator: torch.Generator, latent_hw: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+        """One edge UNet call: through the step batcher when batching is on, else directly."""
+        if self.batcher is not None:
+            return self.batcher.call(x, t, cond.prompt_embeds, cond.added, tome_ratio=tome_ratio, generator=generator)
+        with self.tome.applied(tome_ratio, generator=generator, latent_hw=latent_hw):
+            return self._unet_call(self.unet, x, t, cond)
+
     def _unet_call(self, unet: Any, x: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         # Positional: tomesd's size hook reads args[0].
         return unet(x, t, cond.prompt_embeds, added_cond_kwargs=cond.added, return_dict=False)[0]
@@ -524,14 +552,20 @@ class SplitEngine:
             cond = self.encode_text(inputs)
             scheduler = self.new_scheduler(inputs)
             latents = self.initial_latents(inputs, scheduler).to(denoiser.device, denoiser.dtype)
-            for i, t in enumerate(scheduler.timesteps):
-                if should_stop is not None and should_stop():
-                    raise DeadlineExceededError(f"generation stopped before step {i + 1} of {inputs.steps}")
-                x = self._model_input(scheduler, latents, t, inputs)
-                with unet_lock(denoiser):
-                    noise_pred = self._unet_call(denoiser, x, t, cond)
-                latents = self._scheduler_step(scheduler, self._guide(noise_pred, inputs), t, latents, i, inputs)
-                progress("denoise", i + 1, inputs.steps)
+            batched = self.batcher is not None and denoiser is self.unet
+            with self._batch_session() if batched else nullcontext():
+                for i, t in enumerate(scheduler.timesteps):
+                    if should_stop is not None and should_stop():
+                        raise DeadlineExceededError(f"generation stopped before step {i + 1} of {inputs.steps}")
+                    x = self._model_input(scheduler, latents, t, inputs)
+                    if batched:
+                        assert self.batcher is not None
+                        noise_pred = self.batcher.call(x, t, cond.prompt_embeds, cond.added)
+                    else:
+                        with unet_lock(denoiser):
+                            noise_pred = self._unet_call(denoiser, x, t, cond)
+                    latents = self._scheduler_step(scheduler, self._guide(noise_pred, inputs), t, latents, i, inputs)
+                    progress("denoise", i + 1, inputs.steps)
             return latents
 
     # ------------------------------------------------------------------ edge
@@ -584,13 +618,13 @@ class SplitEngine:
                 progress("unet_blocks", split.index, len(self.unet_blocks))
                 return {"latents": latents, **cond.crossing(), **state_tensors(state)}
             edge_steps = split.index if split.kind == "step" else inputs.steps
-            for i, t in enumerate(scheduler.timesteps[:edge_steps]):
-                stop_point(f"before step {i + 1} of {inputs.steps}")
-                x = self._model_input(scheduler, latents, t, inputs)
-                with self.tome.applied(tome_ratio, generator=tome_generator, latent_hw=latent_hw):
-                    noise = self._unet_call(self.unet, x, t, cond)
-                latents = self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, i, inputs)
-                progress("denoise", i + 1, edge_steps)
+            with self._batch_session():
+                for i, t in enumerate(scheduler.timesteps[:edge_steps]):
+                    stop_point(f"before step {i + 1} of {inputs.steps}")
+                    x = self._model_input(scheduler, latents, t, inputs)
+                    noise = self._edge_unet(x, t, cond, tome_ratio, tome_generator, latent_hw)
+                    latents = self._scheduler_step(scheduler, self._guide(noise, inputs), t, latents, i, inputs)
+                    progress("denoise", i + 1, edge_steps)
             if split.kind == "step":
                 return {"latents": latents, **cond.crossing()}
             if split.kind == "decoder":

@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                        "Preview-refine sessions: edge every round, preview only, refine at fixed/predicted/oracle s."),
     "sr": ("meg.bench.sr:bench_sr", "Hybrid SR: light vs bicubic vs diffusion SR, partition IoU, seams, FLOPs."),
     "hybrid": ("meg.bench.hybrid:bench_hybrid", "Hybrid SR controller: SA vs exact vs the paper's baselines, K users."),
+    "serve": ("meg.bench.serve:bench_serve", "One edge under closed-loop device clients, step-level batching off and on."),
 }
 
 

@@ -28,6 +28,7 @@ from meg.services.transport import (
     set_serving,
     stop_signal,
 )
+from meg.split.batching import StepBatcher
 from meg.split.engine import SplitEngine
 from meg.v1 import edge_service_pb2 as edge_pb
 from meg.v1 import edge_service_pb2_grpc as edge_grpc
@@ -55,6 +56,8 @@ class EdgeServer(BoundServer):
         self._loaded = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
         self._load_error: BaseException | None = None
+        self.batcher: StepBatcher | None = None
+        """The engine's step batcher when `config.batch_max` > 1 (its `stats`)."""
 
     service_name = SERVICE_NAME
 
@@ -77,9 +80,19 @@ class EdgeServer(BoundServer):
                     from meg.split.loading import load_pipeline
 
                     pipeline = await asyncio.to_thread(load_pipeline, self.config.model)
-            self.servicer.context = EdgeContext(engine=SplitEngine(pipeline), edge_profile=self.config.edge_profile,
+            engine = SplitEngine(pipeline)
+            workers = self.config.workers
+            if self.config.batch_max > 1:
+                self.batcher = engine.enable_batching(max_batch=self.config.batch_max,
+                                                      max_wait_s=self.config.batch_wait_ms / 1000)  # fmt: skip
+                workers = max(workers, self.config.batch_max)  # enough requests in flight to fill a batch
+            self.servicer.context = EdgeContext(engine=engine, edge_profile=self.config.edge_profile,
                                                 model=self.config.model, config=self.config)
-            self.servicer.pool = WorkerPool(self.config.workers, self.config.queue_size)
+            pool = WorkerPool(workers, self.config.queue_size)
+            self.servicer.pool = pool
+            self.servicer.metrics.watch_queue(lambda: pool.in_system)
+            if self.batcher is not None:
+                self.servicer.metrics.watch_batcher(self.batcher.stats)
             await set_serving(self.health, [SERVICE_NAME], True)
             log_event(_log, "edge.serving", address=self.address, model=self.config.model)
         except Exception as exc:
@@ -102,6 +115,8 @@ class EdgeServer(BoundServer):
             self._load_task.cancel()
         if self.servicer.pool is not None:
             self.servicer.pool.shutdown()
+        if self.servicer.context is not None:
+            self.servicer.context.engine.disable_batching()
         await self.servicer.plans.close()
         self.servicer.metrics.close()
         log_event(_log, "edge.stopped", address=self.address)

@@ -48,7 +48,12 @@ class EdgeConfig:
     """Pipeline the edge loads (`meg.split.load_pipeline` name or local folder); the
     embedded family by default, as in `meg demo`."""
     workers: int = 1
-    """Threads running model work concurrently."""
+    """Threads running model work concurrently (raised to `batch_max` when batching is on)."""
+    batch_max: int = 1
+    """Step-level batching: most UNet calls of concurrent requests in one forward pass
+    (`meg.split.batching`); 1 turns batching off."""
+    batch_wait_ms: float = 5.0
+    """Longest a UNet call waits for others to join its batch."""
     queue_size: int = 8
     """Admitted requests that may wait for a worker; beyond this RESOURCE_EXHAUSTED."""
     torch_threads: int = 0

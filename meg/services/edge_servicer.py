@@ -346,7 +346,11 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         edge_job = EdgeJob(request_id=job.request_id, request=request, plan=plan, link=link, downlink=downlink,
                            on_progress=on_progress, should_stop=job.should_stop, uplink=job.inbox)
 
+        queued_at = time.perf_counter()
+        waited: list[float] = []
+
         def work() -> None:
+            waited.append(time.perf_counter() - queued_at)
             try:
                 for outgoing in recipe.run_edge(self.context, edge_job):  # type: ignore[arg-type]
                     emit(outgoing)
@@ -362,7 +366,8 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
             slot.release()
 
         uplink_report = await self._send_packets(uplink, job.uplink_bytes, uplink_link.mode, False)
-        costs = [PartCost("policy.decide", "this-machine", decision_s, measured=True), *edge_job.costs,
+        costs = [PartCost("policy.decide", "this-machine", decision_s, measured=True),
+                 PartCost("edge.queue", "this-machine", waited[0] if waited else 0.0, measured=True), *edge_job.costs,
                  PartCost("link.downlink", "link", tally.airtime_s, tally.energy_j),
                  PartCost("link.uplink", "link", uplink_report.airtime_s, uplink_report.energy_j)]
         report = gen_pb.EdgeReport(

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 __all__ = ["JsonFormatter", "ServiceMetrics", "configure_logging", "log_event"]
 
@@ -72,7 +74,17 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.bytes_sent = Counter("meg_bytes_sent", "Tensor bytes sent (headers and chunks)", ["service"], registry=self.registry)
+        self.in_system = Gauge("meg_requests_in_system", "Requests admitted and not finished (running or queued)",
+                               ["service"], registry=self.registry)  # fmt: skip
         self._http: Any = None
+
+    def watch_queue(self, depth: Callable[[], float]) -> None:
+        """Report `depth()` (requests running or queued) as `meg_requests_in_system`."""
+        self.in_system.labels(self.service).set_function(depth)
+
+    def watch_batcher(self, stats: Any) -> None:
+        """Export a step batcher's `BatchStats` (`meg.split.batching`) as `meg_unet_*` metrics."""
+        self.registry.register(_BatchCollector(self.service, stats))
 
     def observe(self, *, latency_s: float, code: str, bytes_sent: int = 0) -> None:
         """Record one finished request; `code` is the gRPC status name ("OK" on success)."""
@@ -95,6 +107,31 @@ class ServiceMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _BatchCollector:
+    """Reads a `BatchStats` at scrape time: calls, forward passes, busy seconds, sizes."""
+
+    def __init__(self, service: str, stats: Any) -> None:
+        self.service = service
+        self.stats = stats
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        labels = [self.service]
+        calls = CounterMetricFamily("meg_unet_calls", "UNet calls of requests (one per denoising step)", labels=["service"])
+        calls.add_metric(labels, self.stats.calls)
+        forwards = CounterMetricFamily("meg_unet_forwards", "Batched UNet forward passes", labels=["service"])
+        forwards.add_metric(labels, self.stats.forwards)
+        busy = CounterMetricFamily("meg_unet_busy_seconds", "Seconds inside batched UNet forward passes", labels=["service"])
+        busy.add_metric(labels, self.stats.busy_s)
+        sizes = CounterMetricFamily("meg_unet_batch_forwards", "Forward passes by number of calls batched",
+                                    labels=["service", "batch_size"])  # fmt: skip
+        for size, count in sorted(self.stats.sizes.items()):
+            sizes.add_metric([self.service, str(size)], count)
+        yield from (calls, forwards, busy, sizes)
 
 
 def monotonic_s() -> float:
