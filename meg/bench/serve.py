@@ -17,22 +17,22 @@ and compared (same seeds): batching must not change them.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from meg.services.background import EdgeProcess
 
 __all__ = ["ServeRow", "run_serve_bench"]
 
@@ -63,12 +63,6 @@ class ServeRow:
     errors: int = 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # noqa: S310 - loopback
     values: dict[str, float] = {}
@@ -95,50 +89,7 @@ def _metric(values: dict[str, float], name: str) -> float:
     return sum(v for k, v in values.items() if k.startswith(name + "{") or k == name)
 
 
-class _Edge:
-    """`meg serve edge` in a child process."""
-
-    def __init__(self, *, model: str, batch_max: int, batch_wait_ms: float, queue_size: int, torch_threads: int) -> None:
-        self.port = _free_port()
-        self.metrics_port = _free_port()
-        args = ["serve", "edge", "--port", str(self.port), "--model", model, "--queue-size", str(queue_size),
-                "--batch-max", str(batch_max), "--batch-wait-ms", str(batch_wait_ms), "--metrics-port", str(self.metrics_port),
-                "--torch-threads", str(torch_threads), "--log-level", "warning"]  # fmt: skip
-        code = "import sys; from meg.cli import main; sys.argv[0] = 'meg'; main()"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"edge exited: {self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ''}")
-                try:
-                    answer = stub.Check(health_pb2.HealthCheckRequest(service="meg.v1.EdgeService"), timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError(f"edge on {self.address} not serving after {timeout_s} s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def _load_level(edge: _Edge, ues: int, *, pipeline: Any, warmup_s: float, window_s: float, size: int, plan: Any,
+def _load_level(edge: EdgeProcess, ues: int, *, pipeline: Any, warmup_s: float, window_s: float, size: int, plan: Any,
                 keep_images: int, images: dict[tuple[int, int], Any],
                 scrapes: list[dict[str, float]]) -> tuple[list[dict[str, float]], int, float]:  # fmt: skip
     """Run `ues` closed-loop clients; return the per-request records finished inside the window
@@ -210,6 +161,7 @@ def run_serve_bench(*, ues: tuple[int, ...] = (1, 4, 16, 64), window_s: float = 
 
     import meg.models  # noqa: F401  (registers meg-tiny)
     from meg.recipes.plan import make_plan
+    from meg.services.background import EdgeProcess
     from meg.split.loading import load_pipeline
 
     plan = make_plan("decoder", steps=steps, codec_chain=codec_chain, tome_ratio=tome_ratio)
@@ -222,7 +174,8 @@ def run_serve_bench(*, ues: tuple[int, ...] = (1, 4, 16, 64), window_s: float = 
     with Progress() as progress:
         task = progress.add_task("serve bench", total=2 * len(ues))
         for mode, n in (("off", 1), ("on", batch_max)):
-            edge = _Edge(model=model, batch_max=n, batch_wait_ms=batch_wait_ms, queue_size=4 * max(ues), torch_threads=torch_threads)
+            edge = EdgeProcess(["--model", model, "--queue-size", str(4 * max(ues)), "--batch-max", str(n),
+                                "--batch-wait-ms", str(batch_wait_ms), "--torch-threads", str(torch_threads)])
             try:
                 edge.wait_ready()
                 for level in ues:

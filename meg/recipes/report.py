@@ -165,6 +165,10 @@ class GenerationReport:
     energy_j: EnergyRecord
     device: DeviceRecord
     quality: QualityRecord | None = None
+    served_by: str = ""
+    """The edge replica whose answer was used (its `meg-replica` name), or "device" after a fallback."""
+    retries: list[str] = field(default_factory=list)
+    """Earlier attempts of this request, one line each: the replica and why it failed."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Recipe- or tool-specific sections (e.g. ``hybrid_sr``, ``demo``)."""
 
@@ -200,7 +204,8 @@ class GenerationReport:
             bytes=BytesRecord(b["downlink"], b["uplink"], [TensorRecord(**t) for t in b["tensors"]]),
             parts=[PartCost(**p) for p in data["parts"]], latency_s=LatencyRecord(**data["latency_s"]),
             energy_j=EnergyRecord(**data["energy_j"]), device=DeviceRecord(**data["device"]),
-            quality=QualityRecord(**quality) if quality else None, extra=dict(data.get("extra", {})),
+            quality=QualityRecord(**quality) if quality else None, served_by=str(data.get("served_by", "")),
+            retries=[str(r) for r in data.get("retries", [])], extra=dict(data.get("extra", {})),
         )
 
     @classmethod

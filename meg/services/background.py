@@ -7,14 +7,19 @@ start and (for the edge) wait for the model, returning a handle with the bound a
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from meg.services.edge import EdgeConfig, EdgeServer, create_edge_server
 from meg.services.policy_server import PolicyServer, PolicyServerConfig, create_policy_server
 
-__all__ = ["RunningServer", "ServiceLoop", "start_edge", "start_policy"]
+__all__ = ["EdgeProcess", "RunningServer", "ServiceLoop", "free_port", "start_edge", "start_policy"]
 
 T = TypeVar("T")
 
@@ -100,3 +105,64 @@ def start_policy(config: PolicyServerConfig = PolicyServerConfig(), *, policy: A
         return server
 
     return RunningServer(service_loop.run(start()), service_loop, own)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EdgeProcess:
+    """`meg serve edge` in a child process on 127.0.0.1 with Prometheus metrics (benchmarks,
+    replica tests): ``args`` are further `meg serve edge` options (e.g. ``["--model", "tiny-random"]``)."""
+
+    def __init__(self, args: list[str], *, replica_id: str = "") -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        argv = ["serve", "edge", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+                "--log-level", "warning", *(["--replica-id", replica_id] if replica_id else []), *args]  # fmt: skip
+        code = "import sys; from meg.cli import main; sys.argv[0] = 'meg'; main()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,  # noqa: S603
+                                     stderr=subprocess.PIPE)  # fmt: skip
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until the edge's health service reports SERVING; raise if it exits or times out."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else ""
+                    raise RuntimeError(f"edge exited with {self.proc.returncode}: {err}")
+                try:
+                    answer = stub.Check(health_pb2.HealthCheckRequest(service="meg.v1.EdgeService"), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"edge on {self.address} not serving after {timeout_s} s")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies mid-work, as on a crash."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM (drain), SIGKILL after 30 s."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()

@@ -55,7 +55,7 @@ from meg.recipes.report import (
 from meg.services.edge_config import EdgeConfig
 from meg.services.limits import ServiceLimits
 from meg.services.security import TlsConfig, channel_credentials, token_metadata
-from meg.services.status import error_from_rpc
+from meg.services.status import REPLICA_METADATA_KEY, error_from_rpc
 from meg.services.transport import channel_options
 from meg.services.wire import ChunkView, generate_call
 from meg.split.engine import SplitEngine
@@ -96,6 +96,10 @@ class ClientConfig:
     """Pipeline the device loads for its partition (and for falling back); the edge's default."""
     fallback: bool = True
     """Generate on the device when the edge is unreachable, too slow or the stream breaks."""
+    retries: int = 2
+    """Times a request whose edge became unavailable (or whose stream broke) is sent again,
+    to whichever healthy replica round_robin picks next, before the device falls back. A
+    deadline that ran out is not retried."""
     max_message_bytes: int = ServiceLimits.max_message_bytes
     """Largest gRPC message accepted from the edge."""
     framing: FramingLimits = field(default_factory=FramingLimits)
@@ -189,6 +193,8 @@ class _EdgeAnswer:
     report: gen_pb.EdgeReport | None = None
     tensors: list[tuple[str, EncodedTensor]] = field(default_factory=list)
     progress_events: int = 0
+    replica: str = ""
+    """The replica that answered (its `meg-replica` initial metadata)."""
 
 
 def _target(addresses: Sequence[str]) -> str:
@@ -226,11 +232,20 @@ class DeviceClient:
         service_config = {
             "loadBalancingConfig": [{"round_robin": {}}],
             "healthCheckConfig": {"serviceName": EDGE_SERVICE},
-        }
+            # gRPC's transparent retry: a call refused UNAVAILABLE before any answer (a replica
+            # that is going away) is sent again, to another replica; a stream that breaks after
+            # the edge answered is retried by `generate` (ClientConfig.retries).
+            "methodConfig": [{
+                "name": [{"service": EDGE_SERVICE}],
+                "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+            }],
+        }  # fmt: skip
         options: list[tuple[str, Any]] = [
             *channel_options(config.max_message_bytes),
             ("grpc.service_config", json.dumps(service_config)),
-            ("grpc.enable_retries", 0),
+            ("grpc.enable_retries", 1),
+            ("grpc.per_rpc_retry_buffer_size", 1 << 20),  # larger uplinks are not replayed by gRPC itself
         ]
         target = _target(self.addresses)
         if config.tls is not None:
@@ -278,14 +293,30 @@ class DeviceClient:
         if not proto.request_id:
             proto.request_id = uuid.uuid4().hex
         recipe = recipe_for(proto.recipe)
-        half = recipe.device_half(self._device_context(proto.device_profile or None), proto)
+        context = self._device_context(proto.device_profile or None)
+        half = recipe.device_half(context, proto)
         started = time.perf_counter()
         answer = _EdgeAnswer()
         fallback_reason: str | None = None
+        retried: list[str] = []
+        planned: DeviceHalf | None = None
         try:
-            if not self._edge_ok:
-                self._wait_for_edge()
-            self._call_edge(proto, half, answer, on_event)
+            while True:
+                if not self._edge_ok:
+                    self._wait_for_edge()  # no healthy replica at all: fall back at once
+                try:
+                    self._call_edge(proto, half, answer, on_event)
+                    break
+                except (UnavailableError, ChannelError) as exc:
+                    # the replica died or broke the stream: another healthy one gets the request
+                    self._edge_ok = False
+                    if len(retried) >= self.config.retries or isinstance(exc, DeadlineExceededError):
+                        raise
+                    retried.append(f"{answer.replica or 'unknown replica'}: {type(exc).__name__}: {exc.message}")
+                    if half.plan is not None:
+                        planned = half  # a fallback keeps the plan the edge chose
+                    half = recipe.device_half(context, proto)
+                    answer = _EdgeAnswer()
             edge_wall_s = time.perf_counter() - started
             try:
                 output = half.finish()
@@ -299,12 +330,16 @@ class DeviceClient:
                 raise
             fallback_reason = f"{type(exc).__name__}: {exc.message}"
             edge_wall_s = time.perf_counter() - started
+            if half.plan is None and planned is not None:
+                half = planned
             output = half.fallback(fallback_reason)
             plan = half.fallback_plan()
         assert plan is not None
         wall_s = time.perf_counter() - started - output.setup_s
         report = self._report(proto, recipe, plan, answer, fallback_reason, output,
                               edge_wall_s=edge_wall_s, wall_s=wall_s)
+        report.served_by = answer.replica if fallback_reason is None else "device"
+        report.retries = retried
         if reference:
             expected = half.reference()
             if expected is not None:
@@ -365,6 +400,9 @@ class DeviceClient:
         try:
             call = self._generate(self._request_stream(request, half), timeout=self.config.deadline_s,
                                   metadata=self._metadata)
+            for key, value in call.initial_metadata() or ():
+                if key == REPLICA_METADATA_KEY:
+                    answer.replica = str(value)
             for message in call:
                 if isinstance(message, ChunkView):  # the zero-copy path of a tensor chunk
                     if on_event is not None:

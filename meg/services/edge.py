@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +143,7 @@ async def create_edge_server(
     server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes,
                                token=config.token, tls=config.tls)
     servicer = EdgeServicer(config, PlanSource(config, policy), ServiceMetrics("edge"))
+    servicer.replica = config.replica_id or f"{socket.gethostname()}:{port}/{os.getpid()}"
     edge_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     health = enable_health_and_reflection(server, [SERVICE_NAME], reflect=config.reflection)
     await set_serving(health, [SERVICE_NAME], False)

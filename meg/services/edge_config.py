@@ -49,6 +49,9 @@ class EdgeConfig:
     embedded family by default, as in `meg demo`."""
     workers: int = 1
     """Threads running model work concurrently (raised to `batch_max` when batching is on)."""
+    replica_id: str = ""
+    """Name this edge gives itself in every answer (initial metadata `meg-replica`, and so in
+    the device's report); empty: host name, port and process id."""
     batch_max: int = 1
     """Step-level batching: most UNet calls of concurrent requests in one forward pass
     (`meg.split.batching`); 1 turns batching off."""

@@ -57,7 +57,13 @@ from meg.services.edge_config import EdgeConfig
 from meg.services.limits import validate_plan, validate_request
 from meg.services.observability import ServiceMetrics, log_event, monotonic_s
 from meg.services.security import channel_credentials, token_metadata
-from meg.services.status import FIELD_METADATA_KEY, error_message, error_proto, grpc_code_for
+from meg.services.status import (
+    FIELD_METADATA_KEY,
+    REPLICA_METADATA_KEY,
+    error_message,
+    error_proto,
+    grpc_code_for,
+)
 from meg.services.transport import channel_options
 from meg.v1 import edge_service_pb2 as edge_pb
 from meg.v1 import edge_service_pb2_grpc as edge_grpc
@@ -178,6 +184,8 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         self.config = config
         self.plans = plans
         self.metrics = metrics
+        self.replica = ""
+        """This edge's name, sent to every caller as initial metadata `meg-replica`."""
         self.context: EdgeContext | None = None
         self.pool: WorkerPool | None = None
 
@@ -192,6 +200,7 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         try:
             if self.context is None or self.pool is None:
                 raise UnavailableError("edge is not ready: the model is still loading")
+            await context.send_initial_metadata(((REPLICA_METADATA_KEY, self.replica),))
             request_iterator = _parsed(request_iterator)
             try:
                 first = await anext(aiter(request_iterator))

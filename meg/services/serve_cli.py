@@ -52,6 +52,7 @@ def serve() -> None:
 @click.option("--model", default=EdgeConfig.model, show_default=True, help="Pipeline name or local diffusers folder.")
 @click.option("--workers", type=int, default=EdgeConfig.workers, show_default=True, help="Threads running model work.")
 @click.option("--queue-size", type=int, default=EdgeConfig.queue_size, show_default=True, help="Waiting requests before RESOURCE_EXHAUSTED.")
+@click.option("--replica-id", default="", help="Name this edge gives itself in every answer (default: host:port/pid).")
 @click.option("--batch-max", type=click.IntRange(min=1), default=EdgeConfig.batch_max, show_default=True,
               help="Step-level batching: most UNet calls of concurrent requests per forward pass (1: off).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=EdgeConfig.batch_wait_ms, show_default=True,
@@ -72,7 +73,8 @@ def serve() -> None:
 @click.option("--sr-model", default=None,
               help="Hybrid SR: diffusion SR model (family name/folder or diffusers upscaler folder); default: the model's family.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve_edge_command(host: str, port: int, model: str, workers: int, queue_size: int, batch_max: int, batch_wait_ms: float,
+def serve_edge_command(host: str, port: int, model: str, workers: int, queue_size: int, replica_id: str, batch_max: int,
+                       batch_wait_ms: float,
                        policy_address: str | None,
                        policy_token: str | None, policy_tls_ca: Path | None, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
                        realtime: bool, edge_profile: str, torch_threads: int, grace_s: float,
@@ -84,7 +86,7 @@ def serve_edge_command(host: str, port: int, model: str, workers: int, queue_siz
 
     configure_logging(log_level)
     config = EdgeConfig(host=host, port=port, model=model, workers=workers, queue_size=queue_size,
-                        batch_max=batch_max, batch_wait_ms=batch_wait_ms,
+                        replica_id=replica_id, batch_max=batch_max, batch_wait_ms=batch_wait_ms,
                         policy_address=policy_address, policy_token=policy_token,
                         policy_tls=tls_config(None, None, policy_tls_ca), token=resolve_token(token), tls=tls_config(tls_cert, tls_key, tls_ca),
                         realtime=realtime, edge_profile=edge_profile, torch_threads=torch_threads, grace_s=grace_s,

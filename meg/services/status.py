@@ -29,6 +29,7 @@ from meg.v1 import generation_pb2 as gen_pb
 
 __all__ = [
     "FIELD_METADATA_KEY",
+    "REPLICA_METADATA_KEY",
     "error_from_rpc",
     "error_message",
     "error_proto",
@@ -38,6 +39,8 @@ __all__ = [
 
 # Trailing-metadata key carrying the request/header field at fault.
 FIELD_METADATA_KEY = "meg-field"
+REPLICA_METADATA_KEY = "meg-replica"
+"""Initial metadata naming the edge replica that answers a call."""
 
 # Most specific first: CorruptPayloadError is an InvalidInputError, but it is DATA_LOSS.
 _MAPPING: tuple[tuple[type[MegError], grpc.StatusCode, Any], ...] = (
