@@ -52,7 +52,7 @@ def serve() -> None:
 @click.option("--model", default=EdgeConfig.model, show_default=True, help="Pipeline name or local diffusers folder.")
 @click.option("--workers", type=int, default=EdgeConfig.workers, show_default=True, help="Threads running model work.")
 @click.option("--queue-size", type=int, default=EdgeConfig.queue_size, show_default=True, help="Waiting requests before RESOURCE_EXHAUSTED.")
-@click.option("--replica-id", default="", help="Name this edge gives itself in every answer (default: host:port/pid).")
+@click.option("--replica-id", default="", envvar="MEG_REPLICA_ID", help="Name this edge gives itself in every answer (or $MEG_REPLICA_ID; default: host:port/pid).")
 @click.option("--batch-max", type=click.IntRange(min=1), default=EdgeConfig.batch_max, show_default=True,
               help="Step-level batching: most UNet calls of concurrent requests per forward pass (1: off).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=EdgeConfig.batch_wait_ms, show_default=True,
