@@ -11,6 +11,11 @@ give the edge's queue wait and compute; the edge's `/metrics` give the batch-siz
 and the time spent in UNet forward passes (without batching: the requests' edge compute). Both modes run
 in one invocation, so their ratio compares like with like.
 
+The emulated devices share this machine's CPU with the edge (on a real deployment each
+decodes on its own hardware): their threads run at `--device-nice` (10) so that the edge gets
+the CPU it would have on a machine of its own, and the edge runs `--torch-threads` (1) so
+that its intra-op threads do not spin against the devices'.
+
 The images of the first requests of every client at one load level are kept in both modes
 and compared (same seeds): batching must not change them.
 """
@@ -18,6 +23,7 @@ and compared (same seeds): batching must not change them.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -92,7 +98,7 @@ def _metric(values: dict[str, float], name: str) -> float:
 
 def _load_level(edge: EdgeProcess, ues: int, *, pipeline: Any, warmup_s: float, window_s: float, size: int, plan: Any,
                 keep_images: int, images: dict[tuple[int, int], Any],
-                scrapes: list[dict[str, float]]) -> tuple[list[dict[str, float]], int, float]:  # fmt: skip
+                scrapes: list[dict[str, float]], device_nice: int) -> tuple[list[dict[str, float]], int, float]:  # fmt: skip
     """Run `ues` closed-loop clients; return the per-request records finished inside the window
     (and append the edge's metrics at the window's start and end to `scrapes`)."""
     from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
@@ -104,6 +110,8 @@ def _load_level(edge: EdgeProcess, ues: int, *, pipeline: Any, warmup_s: float, 
     window = (0.0, 0.0)
 
     def run(i: int) -> None:
+        if device_nice:  # Linux: the calling thread only
+            os.setpriority(os.PRIO_PROCESS, 0, device_nice)
         client = clients[i]
         j = 0
         while time.monotonic() < window[1]:
@@ -155,8 +163,8 @@ def _quantile(values: list[float], q: float) -> float:
 
 def run_serve_bench(*, ues: tuple[int, ...] = (1, 4, 16, 64), window_s: float = 20.0, warmup_s: float = 4.0,
                     batch_max: int = 16, batch_wait_ms: float = 5.0, model: str = "meg-tiny", size: int = 128,
-                    steps: int = 4, tome_ratio: float = 0.5, codec_chain: str = "zstd:3", torch_threads: int = 0,
-                    keep_images: int = 2) -> dict[str, Any]:  # fmt: skip
+                    steps: int = 4, tome_ratio: float = 0.5, codec_chain: str = "zstd:3", torch_threads: int = 1,
+                    device_nice: int = 10, keep_images: int = 2) -> dict[str, Any]:  # fmt: skip
     """Both modes at every load level; returns {"rows": [...], "images": {...}, "settings": {...}}."""
     import torch
 
@@ -185,7 +193,7 @@ def run_serve_bench(*, ues: tuple[int, ...] = (1, 4, 16, 64), window_s: float = 
                     scrapes: list[dict[str, float]] = []
                     records, errors, window = _load_level(edge, level, pipeline=pipeline, warmup_s=warmup_s, window_s=window_s,
                                                           size=size, plan=plan, keep_images=keep_images if level == image_level else 0,
-                                                          images=images, scrapes=scrapes)  # fmt: skip
+                                                          images=images, scrapes=scrapes, device_nice=device_nice)  # fmt: skip
                     before, after = scrapes
                     if level == image_level:
                         kept[mode] = images
@@ -213,7 +221,8 @@ def run_serve_bench(*, ues: tuple[int, ...] = (1, 4, 16, 64), window_s: float = 
         "images": {"compared": len(same), "ues": image_level, "max_abs_diff": max(diffs) if diffs else None},
         "settings": {"model": model, "size_px": size, "plan": f"decoder, {steps} steps, ToMe {tome_ratio}, {codec_chain}",
                      "batch_max": batch_max, "batch_wait_ms": batch_wait_ms, "window_s": window_s, "warmup_s": warmup_s,
-                     "torch_threads": torch_threads, "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__},
+                     "torch_threads": torch_threads, "device_nice": device_nice, "cpu_count": os.cpu_count(),
+                     "torch": torch.__version__},
     }  # fmt: skip
 
 
@@ -262,11 +271,13 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 @click.option("--tome-ratio", type=float, default=0.5, show_default=True, help="ToMe ratio in the edge UNet (MEG's 0.5).")
 @click.option("--codec", "codec_chain", default="zstd:3", show_default=True,
               help="Codec chain of the latent (lossless by default, so images compare exactly).")
-@click.option("--torch-threads", type=int, default=0, show_default=True, help="The edge's torch threads (0: torch's default).")
+@click.option("--torch-threads", type=int, default=1, show_default=True, help="The edge's torch threads (0: torch's default).")
+@click.option("--device-nice", type=click.IntRange(0, 19), default=10, show_default=True,
+              help="Niceness of the emulated devices' threads, so the edge gets the CPU it would have on its own machine (0: equal).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG here.")
 def bench_serve(ues: str, window_s: float, warmup_s: float, batch_max: int, batch_wait_ms: float, model: str, size: int,
-                steps: int, tome_ratio: float, codec_chain: str, torch_threads: int, json_path: Path | None,
+                steps: int, tome_ratio: float, codec_chain: str, torch_threads: int, device_nice: int, json_path: Path | None,
                 plot_path: Path | None) -> None:  # fmt: skip
     """Closed-loop device clients against one edge over gRPC, step-level batching off and on:
     throughput, p50/p95/p99, queue wait, batch sizes, the edge's UNet share, and whether
@@ -279,7 +290,7 @@ def bench_serve(ues: str, window_s: float, warmup_s: float, batch_max: int, batc
         raise click.BadParameter(f"need at least one level ≥ 1, got {ues!r}", param_hint="--ues")
     result = run_serve_bench(ues=levels, window_s=window_s, warmup_s=warmup_s, batch_max=batch_max, batch_wait_ms=batch_wait_ms,
                              model=model, size=size, steps=steps, tome_ratio=tome_ratio, codec_chain=codec_chain,
-                             torch_threads=torch_threads)  # fmt: skip
+                             torch_threads=torch_threads, device_nice=device_nice)  # fmt: skip
     table = Table(title=f"meg bench serve: {result['settings']['plan']}, {size} px, one edge")
     for column in ("batching", "clients", "done", "req/s", "×off", "p50 s", "p95 s", "p99 s", "queue p50 s", "UNet share",
                    "edge overhead", "batch sizes", "errors"):  # fmt: skip

@@ -20,6 +20,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                        "Preview-refine sessions: edge every round, preview only, refine at fixed/predicted/oracle s."),
     "sr": ("meg.bench.sr:bench_sr", "Hybrid SR: light vs bicubic vs diffusion SR, partition IoU, seams, FLOPs."),
     "hybrid": ("meg.bench.hybrid:bench_hybrid", "Hybrid SR controller: SA vs exact vs the paper's baselines, K users."),
+    "hybrid-served": ("meg.bench.hybrid_served:bench_hybrid_served",
+                      "Hybrid SR: K users planned by DecideBatch and served concurrently over gRPC."),
+    "cell": ("meg.bench.cell:bench_cell", "Cells of 10…1000 devices and 1…8 edges, simulated (SimPy) from measured service times."),
     "serve": ("meg.bench.serve:bench_serve", "One edge under closed-loop device clients, step-level batching off and on."),
 }
 
