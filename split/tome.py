@@ -116,14 +116,15 @@ class ToMeAdapter:
         self,
         ratio: float,
         *,
-        generator: torch.Generator | None = None,
+        generator: Any = None,
         latent_hw: tuple[int, int] | None = None,
     ) -> Iterator[torch.nn.Module]:
         """Hold the UNet, patched with ``ratio`` (unpatched when 0), for one block of work.
 
         Args:
             ratio: fraction of tokens merged in each patched transformer block.
-            generator: draws the random destination tokens (CPU generator); None forks the
+            generator: draws the random destination tokens (CPU generator, or a
+                `meg.split.batching.RowGenerators` for a batched call); None forks the
                 global RNG (tomesd's behaviour), so pass one for reproducible output.
             latent_hw: latent (h, w) of the work; needed when the UNet is not called
                 through its ``forward`` (block-level execution skips tomesd's size hook).
