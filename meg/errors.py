@@ -83,7 +83,13 @@ class SplitError(InvalidInputError):
 
 
 class ResourceExhaustedError(MegError):
-    """A size or capacity limit would be exceeded (message size, queue, element count)."""
+    """A size or capacity limit would be exceeded (message size, queue, element count).
+
+    A full queue sets `retry_after_s`, which the services send as trailing metadata
+    `retry-after-ms`.
+    """
+
+    retry_after_s: float | None = None
 
 
 class DeadlineExceededError(MegError):

@@ -3,6 +3,7 @@ the tiny-random pipeline (64×64, 2 steps), one pipeline shared by every server 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -23,7 +24,7 @@ from services_certs import write_test_certs
 from meg.channel.link import LinkConfig
 from meg.codecs.chain import encode
 from meg.codecs.framing import frame_tensor
-from meg.errors import DeadlineExceededError, UnavailableError
+from meg.errors import DeadlineExceededError, InvalidInputError, UnavailableError
 from meg.policy.rule import RuleConfig
 from meg.recipes.plan import MEG_TOME_RATIO, make_plan, plan_to_proto
 from meg.services.background import RunningServer, ServiceLoop, start_edge, start_policy
@@ -90,8 +91,10 @@ def _start(**fields: Any) -> gen_pb.GenerationRequest:
 
 
 def _raw_call(address: str, messages: Sequence[edge_pb.GenerateRequest], *, metadata: Any = None,
-              timeout_s: float = 30.0, on_message: Any = None) -> tuple[grpc.StatusCode, str, list[edge_pb.GenerateResponse]]:
-    """Send `messages` on a raw stub (no client-side checks); return status, details, responses."""
+              timeout_s: float = 30.0, on_message: Any = None,
+              trailing: list[tuple[str, str]] | None = None) -> tuple[grpc.StatusCode, str, list[edge_pb.GenerateResponse]]:
+    """Send `messages` on a raw stub (no client-side checks); return status, details, responses
+    (and put a failed call's trailing metadata into `trailing`)."""
     received: list[edge_pb.GenerateResponse] = []
     with grpc.insecure_channel(address, options=channel_options(32 << 20)) as channel:
         call = edge_grpc.EdgeServiceStub(channel).Generate(
@@ -103,6 +106,8 @@ def _raw_call(address: str, messages: Sequence[edge_pb.GenerateRequest], *, meta
                 if on_message is not None:
                     on_message(call, message)
         except grpc.RpcError as exc:
+            if trailing is not None:
+                trailing.extend(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
             return exc.code(), exc.details() or "", received
     return grpc.StatusCode.OK, "", received
 
@@ -283,11 +288,18 @@ def test_overload_beyond_the_queue_is_resource_exhausted(pipeline: Any, loop: Se
     edge = start_edge(EdgeConfig(model="tiny-random", port=0, workers=1, queue_size=1), pipeline=pipeline, loop=loop)
     try:
         slow = [edge_pb.GenerateRequest(start=_start(plan=make_plan("decoder", steps=12, codec_chain="none")))]
+        trailers: list[list[tuple[str, str]]] = [[] for _ in range(6)]
         with ThreadPoolExecutor(6) as pool:
-            outcomes = list(pool.map(lambda _: _raw_call(edge.address, slow, metadata=(), timeout_s=60), range(6)))
+            outcomes = list(pool.map(lambda i: _raw_call(edge.address, slow, metadata=(), timeout_s=60, trailing=trailers[i]),
+                                     range(6)))  # fmt: skip
     finally:
         edge.stop(0)
     codes = [code for code, _, _ in outcomes]
+    # each refusal says when to come back: trailing metadata retry-after-ms, a positive integer
+    for (code, _, _), trailer in zip(outcomes, trailers, strict=True):
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            hints = [int(v) for k, v in trailer if k == "retry-after-ms"]
+            assert len(hints) == 1 and hints[0] >= 50, trailer
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert grpc.StatusCode.OK in codes
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -552,3 +564,25 @@ def test_edge_uses_the_shipped_cvpo_policy_by_address(pipeline: Any, loop: Servi
     assert not report["fallback"]["used"]
     (decide,) = [p for p in report["parts"] if p["part"] == "policy.decide"]
     assert decide["measured"] and 0 < decide["latency_s"] < 1.0
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_server_on_the_network_without_tls_or_token_is_refused_unless_insecure(host: str) -> None:
+    from meg.services.edge import create_edge_server
+    from meg.services.policy_server import create_policy_server
+    from meg.services.transport import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("[::1]") and not is_loopback(host)
+
+    async def build(make: Any, config: Any) -> None:
+        server, _ = await make(config)
+        await server.grpc_server.stop(None)
+
+    with pytest.raises(InvalidInputError, match=r"refusing to serve on .* without TLS or a token.*--insecure") as err:
+        asyncio.run(build(create_edge_server, EdgeConfig(host=host, port=0, model="tiny-random")))
+    assert err.value.field == "host"
+    with pytest.raises(InvalidInputError, match="--insecure"):
+        asyncio.run(build(create_policy_server, PolicyServerConfig(host=host, port=0)))
+    # a token, or the explicit --insecure, allows it
+    asyncio.run(build(create_edge_server, EdgeConfig(host=host, port=0, model="tiny-random", token="t")))
+    asyncio.run(build(create_policy_server, PolicyServerConfig(host=host, port=0, insecure=True)))

@@ -21,6 +21,9 @@ __all__ = ["Slot", "WorkerPool"]
 
 T = TypeVar("T")
 
+MIN_RETRY_AFTER_S = 0.05
+"""Shortest retry-after hint a full edge gives."""
+
 
 class Slot:
     """One admitted request's place in the system; `release` is idempotent.
@@ -63,6 +66,7 @@ class WorkerPool:
         self.workers = workers
         self.queue_size = queue_size
         self._in_system = 0
+        self._mean_run_s = MIN_RETRY_AFTER_S
         self._threads = asyncio.Semaphore(workers)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meg-worker")
 
@@ -71,14 +75,22 @@ class WorkerPool:
         """Requests admitted and not yet finished (running or waiting)."""
         return self._in_system
 
+    def retry_after_s(self) -> float:
+        """When a place is likely free again: the mean run time of recent requests (at least
+        `MIN_RETRY_AFTER_S`) times the queue ahead, shared by the workers."""
+        ahead = max(1, self._in_system - self.workers + 1)
+        return max(MIN_RETRY_AFTER_S, self._mean_run_s * ahead / self.workers)
+
     def admit(self) -> Slot:
         """Take a place in the system or raise `ResourceExhaustedError` when it is full."""
         capacity = self.workers + self.queue_size
         if self._in_system >= capacity:
-            raise ResourceExhaustedError(
+            error = ResourceExhaustedError(
                 f"edge is at capacity: {self._in_system} requests in progress or queued "
                 f"(workers = {self.workers}, queue_size = {self.queue_size})"
             )
+            error.retry_after_s = self.retry_after_s()
+            raise error
         self._in_system += 1
         return Slot(self)
 
@@ -97,8 +109,10 @@ class WorkerPool:
             self._threads.release()
             raise
         slot._busy = True
+        started = loop.time()
 
         def finished() -> None:
+            self._mean_run_s += 0.2 * (loop.time() - started - self._mean_run_s)  # moving average
             self._threads.release()
             slot._done()
 

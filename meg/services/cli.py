@@ -19,7 +19,7 @@ from meg.services.client import ClientConfig, DeviceRequest
 from meg.services.edge_config import EdgeConfig
 from meg.services.policy_server import PolicyServerConfig
 from meg.services.security import TOKEN_ENV_VAR
-from meg.services.serve_cli import tls_config, tls_options
+from meg.services.serve_cli import insecure_option, tls_config, tls_options
 
 __all__ = ["generate", "serve_policy_command"]
 
@@ -29,6 +29,7 @@ __all__ = ["generate", "serve_policy_command"]
 @click.option("--port", type=int, default=PolicyServerConfig.port, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
 @tls_options
+@insecure_option
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
 @click.option("--checkpoint", default="rule", show_default=True,
               help="Policy to serve: a checkpoint folder from `meg policy train`, \"cvpo\" (the shipped CVPO "
@@ -36,7 +37,7 @@ __all__ = ["generate", "serve_policy_command"]
                    "annealing controller, rules for MEG).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path | None, tls_key: Path | None,
-                         tls_ca: Path | None, metrics_port: int | None, checkpoint: str, log_level: str) -> None:
+                         tls_ca: Path | None, insecure: bool, metrics_port: int | None, checkpoint: str, log_level: str) -> None:
     """Run the policy service (PolicyService.Decide) until Ctrl-C.
 
     The edge reaches it with `meg serve edge --policy-address HOST:PORT`; every answer
@@ -48,7 +49,7 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
 
     configure_logging(log_level)
     config = PolicyServerConfig(host=host, port=port, token=resolve_token(token), tls=tls_config(tls_cert, tls_key, tls_ca),
-                                metrics_port=metrics_port)
+                                insecure=insecure, metrics_port=metrics_port)
 
     def ready(server: PolicyServer) -> None:
         click.echo(f"policy service on {server.address}" +

@@ -141,7 +141,7 @@ async def create_edge_server(
     """
     load_profile(config.edge_profile)  # a wrong profile name fails here, not in every request
     server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes,
-                               token=config.token, tls=config.tls)
+                               token=config.token, tls=config.tls, insecure=config.insecure)
     servicer = EdgeServicer(config, PlanSource(config, policy), ServiceMetrics("edge"))
     servicer.replica = config.replica_id or f"{socket.gethostname()}:{port}/{os.getpid()}"
     edge_grpc.add_EdgeServiceServicer_to_server(servicer, server)

@@ -70,6 +70,8 @@ class EdgeConfig:
     policy_tls: TlsConfig | None = None
     """Trust roots (and client certificate) for a TLS policy service; None: plaintext."""
     token: str | None = None
+    insecure: bool = False
+    """Allow a non-loopback `host` without TLS or a token (refused otherwise)."""
     """Bearer token callers must present; None turns auth off."""
     tls: TlsConfig | None = None
     """Certificate files (with `ca_file`: mutual TLS); None serves plaintext."""

@@ -60,6 +60,7 @@ from meg.services.security import channel_credentials, token_metadata
 from meg.services.status import (
     FIELD_METADATA_KEY,
     REPLICA_METADATA_KEY,
+    RETRY_AFTER_METADATA_KEY,
     error_message,
     error_proto,
     grpc_code_for,
@@ -251,8 +252,14 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         # the stream may already be gone; the status still goes out
         with contextlib.suppress(Exception):
             await context.write(edge_pb.GenerateResponse(error=error_proto(exc)))
+        trailing = []
         if field_name:
-            context.set_trailing_metadata(((FIELD_METADATA_KEY, field_name),))
+            trailing.append((FIELD_METADATA_KEY, field_name))
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            trailing.append((RETRY_AFTER_METADATA_KEY, str(max(1, round(retry_after * 1000)))))
+        if trailing:
+            context.set_trailing_metadata(tuple(trailing))
         await context.abort(code, error_message(exc))
 
     # -- uplink ----------------------------------------------------------------------------

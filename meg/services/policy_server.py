@@ -47,6 +47,8 @@ class PolicyServerConfig:
     port: int = 50052
     """Port to bind; 0 picks a free one."""
     token: str | None = None
+    insecure: bool = False
+    """Allow a non-loopback `host` without TLS or a token."""
     """Bearer token callers must present; None turns auth off."""
     tls: TlsConfig | None = None
     """Certificate files; None serves plaintext."""
@@ -155,7 +157,8 @@ async def create_policy_server(config: PolicyServerConfig = PolicyServerConfig()
         config: address, auth, TLS, limits.
         policy: any object with `name` and `decide(observation) -> Plan`; default rule-based.
     """
-    server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes, token=config.token, tls=config.tls)
+    server, port = bind_server(config.host, config.port, max_message_bytes=config.limits.max_message_bytes, token=config.token, tls=config.tls,
+                               insecure=config.insecure)
     if policy is None:
         from meg.policy.serving import rule_policy
 

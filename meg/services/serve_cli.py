@@ -40,6 +40,11 @@ def tls_options(fn: Any) -> Any:
     return fn
 
 
+insecure_option = click.option(
+    "--insecure", is_flag=True,
+    help="Serve on a non-loopback --host without TLS or a token (refused otherwise): anyone who reaches it can use it.")
+
+
 @click.group("serve", cls=LazyGroup,
              lazy={"policy": ("meg.services.cli:serve_policy_command", "Run the policy service (PolicyService.Decide) until Ctrl-C.")})
 def serve() -> None:
@@ -62,6 +67,7 @@ def serve() -> None:
 @click.option("--policy-tls-ca", type=_PATH, default=None, help="CA certificate of a TLS policy service (PEM).")
 @click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
 @tls_options
+@insecure_option
 @click.option("--realtime", is_flag=True, help="Sleep for the emulated link's airtime.")
 @click.option("--edge-profile", default=EdgeConfig.edge_profile, show_default=True,
               help="Device profile the edge's compute is modelled with in reports.")
@@ -77,7 +83,7 @@ def serve_edge_command(host: str, port: int, model: str, workers: int, queue_siz
                        batch_wait_ms: float,
                        policy_address: str | None,
                        policy_token: str | None, policy_tls_ca: Path | None, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
-                       realtime: bool, edge_profile: str, torch_threads: int, grace_s: float,
+                       insecure: bool, realtime: bool, edge_profile: str, torch_threads: int, grace_s: float,
                        metrics_port: int | None, sr_model: str | None, log_level: str) -> None:
     """Run the edge server (EdgeService.Generate) until Ctrl-C, then drain."""
     from meg.services.edge import serve_edge
@@ -88,7 +94,7 @@ def serve_edge_command(host: str, port: int, model: str, workers: int, queue_siz
     config = EdgeConfig(host=host, port=port, model=model, workers=workers, queue_size=queue_size,
                         replica_id=replica_id, batch_max=batch_max, batch_wait_ms=batch_wait_ms,
                         policy_address=policy_address, policy_token=policy_token,
-                        policy_tls=tls_config(None, None, policy_tls_ca), token=resolve_token(token), tls=tls_config(tls_cert, tls_key, tls_ca),
+                        policy_tls=tls_config(None, None, policy_tls_ca), token=resolve_token(token), tls=tls_config(tls_cert, tls_key, tls_ca), insecure=insecure,
                         realtime=realtime, edge_profile=edge_profile, torch_threads=torch_threads, grace_s=grace_s,
                         metrics_port=metrics_port, sr_model=sr_model)
 

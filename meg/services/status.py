@@ -30,6 +30,7 @@ from meg.v1 import generation_pb2 as gen_pb
 __all__ = [
     "FIELD_METADATA_KEY",
     "REPLICA_METADATA_KEY",
+    "RETRY_AFTER_METADATA_KEY",
     "error_from_rpc",
     "error_message",
     "error_proto",
@@ -39,6 +40,8 @@ __all__ = [
 
 # Trailing-metadata key carrying the request/header field at fault.
 FIELD_METADATA_KEY = "meg-field"
+RETRY_AFTER_METADATA_KEY = "retry-after-ms"
+"""Trailing metadata of a RESOURCE_EXHAUSTED answer from a full edge: when to try again (ms)."""
 REPLICA_METADATA_KEY = "meg-replica"
 """Initial metadata naming the edge replica that answers a call."""
 

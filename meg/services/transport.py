@@ -8,6 +8,7 @@ RESOURCE_EXHAUSTED by gRPC itself.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meg.errors import UnavailableError
+from meg.errors import InvalidInputError, UnavailableError
 from meg.services.security import BearerTokenInterceptor, TlsConfig, server_credentials
 
 __all__ = [
@@ -49,6 +50,17 @@ def channel_options(max_message_bytes: int, *, reconnect_backoff_ms: int = 200) 
     ]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (localhost, 127.0.0.0/8, ::1)."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def bind_server(
     host: str,
     port: int,
@@ -57,13 +69,24 @@ def bind_server(
     token: str | None = None,
     tls: TlsConfig | None = None,
     interceptors: Sequence[aio.ServerInterceptor] = (),
+    insecure: bool = False,
 ) -> tuple[aio.Server, int]:
-    """An aio server (not started) bound to `host:port` (0 picks a free port)."""
+    """An aio server (not started) bound to `host:port` (0 picks a free port).
+
+    A non-loopback `host` needs TLS or a token unless `insecure` says the caller means it
+    (`InvalidInputError` naming the host otherwise): an open edge on a network serves anyone.
+    """
+    if not (tls is not None or token or insecure or is_loopback(host)):
+        raise InvalidInputError(
+            f"refusing to serve on {host!r} without TLS or a token: anyone who can reach it could use it; "
+            "pass --tls-cert/--tls-key or --token (or $MEG_AUTH_TOKEN), or --insecure to serve openly anyway",
+            field="host",
+        )
     chain = list(interceptors)
     if token:
         chain.insert(0, BearerTokenInterceptor(token))
     server = aio.server(interceptors=chain, options=message_options(max_message_bytes))
-    address = f"{host}:{port}"
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6 literal
     bound = (
         server.add_secure_port(address, server_credentials(tls))
         if tls is not None
