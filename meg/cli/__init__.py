@@ -52,6 +52,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "session": ("meg.session_cli:session", "Preview-refine in the terminal: preview each prompt, /final refines on the edge."),
     "policy": ("meg.policy.cli:policy", "Plan split/steps/merge under limits: profile, train (CVPO, PPO), eval."),
     "hybrid": ("meg.policy.hybrid_cli:hybrid", "Hybrid SR controller: measured table, batch decisions."),
+    "fuzz": ("meg.fuzz.cli:fuzz", "Coverage-guided fuzzing (atheris) of every parser of untrusted input."),
 }
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meg.errors import InvalidInputError
 from meg.v1 import generation_pb2 as gen_pb
 
 __all__ = [
@@ -194,7 +195,15 @@ class GenerationReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationReport:
-        """Inverse of `to_dict` (e.g. for a ``report.json`` read back)."""
+        """Inverse of `to_dict` (e.g. for a ``report.json`` read back); anything that is not
+        such a report is refused with `InvalidInputError` naming what is wrong."""
+        try:
+            return cls._from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidInputError(f"not a MEG generation report: {type(exc).__name__}: {exc}", field="report") from None
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any]) -> GenerationReport:
         b = data["bytes"]
         quality = data.get("quality")
         return cls(

@@ -28,7 +28,9 @@ import sys
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from meg.errors import FramingError
 from meg.v1 import edge_service_pb2 as edge_pb
 from meg.v1 import tensor_pb2
 
@@ -155,13 +157,16 @@ def decode_generate_response(raw: bytes) -> ChunkView | edge_pb.GenerateResponse
     otherwise the protobuf-parsed ``GenerateResponse``.
 
     Raises:
-        google.protobuf.message.DecodeError: bytes protobuf cannot parse (gRPC turns a
-            raising deserializer into an INTERNAL status, as with the generated stub).
+        FramingError: bytes protobuf cannot parse as a ``GenerateResponse`` (gRPC turns a
+            raising deserializer into an INTERNAL status on the call).
     """
     view = parse_chunk_view(raw)
     if view is not None:
         return view
-    return edge_pb.GenerateResponse.FromString(raw)
+    try:
+        return edge_pb.GenerateResponse.FromString(raw)
+    except DecodeError:
+        raise FramingError(f"malformed GenerateResponse from the edge ({len(raw)} bytes)", field="response") from None
 
 
 def generate_call(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
