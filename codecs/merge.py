@@ -148,6 +148,8 @@ def _check_latent_shape(shape: tuple[int, ...], grouping: int) -> None:
         raise CodecError(f"grouping must be >= 1, got {grouping}", field="grouping")
     if len(shape) != 4:
         raise CodecError(f"token merging needs a latent [B, C, H, W], got shape {tuple(shape)}")
+    if min(shape) < 1:
+        raise CodecError(f"token merging needs a non-empty latent, got shape {tuple(shape)}", field="shape")
     if shape[3] % grouping:
         raise CodecError(
             f"latent width {shape[3]} of shape {tuple(shape)} is not a multiple of grouping {grouping}"

@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "hybrid-served": ("meg.bench.hybrid_served:bench_hybrid_served",
                       "Hybrid SR: K users planned by DecideBatch and served concurrently over gRPC."),
     "cell": ("meg.bench.cell:bench_cell", "Cells of 10…1000 devices and 1…8 edges, simulated (SimPy) from measured service times."),
+    "reliability": ("meg.bench.reliability:bench_reliability",
+                    "Hostile streams, edge replicas killed mid-request and every fuzz target: one table."),
     "serve": ("meg.bench.serve:bench_serve", "One edge under closed-loop device clients, step-level batching off and on."),
 }
 

@@ -1,16 +1,22 @@
 """`python -m meg.fuzz TARGET [libFuzzer flags] [CORPUS_DIR]`: one target under atheris.
 
 The corpus folder (default: a fresh temporary one) is seeded with `meg.fuzz.seeds(TARGET)`;
-libFuzzer's flags pass through (e.g. ``-runs=100000 -timeout=1 -rss_limit_mb=2048``). An
+libFuzzer's flags pass through (e.g. ``-runs=100000 -rss_limit_mb=2048``); an input
+that takes over `HANG_S` is kept as ``timeout-*`` and counted by `meg fuzz`. An
 exception other than `MegError` is a crash: libFuzzer writes the input (``crash-*``) and
 the process exits non-zero.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+HANG_S = 1.0
+"""An input that takes longer is a hang (libFuzzer's own -timeout counts whole seconds)."""
 
 
 def main(argv: list[str]) -> None:
@@ -44,8 +50,15 @@ def main(argv: list[str]) -> None:
     for i, seed in enumerate(seeds(target)):
         (corpus / f"seed-{i}").write_bytes(seed)
 
+    prefix = next((a.split("=", 1)[1] for a in rest if a.startswith("-artifact_prefix=")), str(corpus) + "/")
+
     def one_input(data: bytes) -> None:
+        started = time.perf_counter()
         check(target, data)
+        took = time.perf_counter() - started
+        if took > HANG_S:  # kept like libFuzzer's timeout-* inputs, and the run goes on
+            Path(f"{prefix}timeout-{hashlib.sha1(data).hexdigest()}").write_bytes(data)
+            print(f"meg.fuzz: input took {took:.2f} s (> {HANG_S} s), kept", file=sys.stderr)
 
     atheris.Setup([argv[0], *rest], one_input)
     atheris.Fuzz()

@@ -25,7 +25,7 @@ def run_target(target: str, *, runs: int, timeout_s: float = 1.0, rss_limit_mb: 
     corpus = corpus or Path(tempfile.mkdtemp(prefix=f"meg-fuzz-{target}-"))
     artifacts = artifacts or corpus
     artifacts.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "meg.fuzz", target, f"-runs={runs}", f"-timeout={max(1, round(timeout_s))}",
+    argv = [sys.executable, "-m", "meg.fuzz", target, f"-runs={runs}", f"-timeout={max(10, round(10 * timeout_s))}",
             f"-rss_limit_mb={rss_limit_mb}", f"-artifact_prefix={artifacts}/", "-print_final_stats=1", str(corpus)]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from meg.services.edge import EdgeConfig, EdgeServer, create_edge_server
 from meg.services.policy_server import PolicyServer, PolicyServerConfig, create_policy_server
 
-__all__ = ["EdgeProcess", "RunningServer", "ServiceLoop", "free_port", "start_edge", "start_policy"]
+__all__ = ["EdgeProcess", "RunningServer", "ServiceLoop", "ServiceProcess", "free_port", "start_edge", "start_policy"]
 
 T = TypeVar("T")
 
@@ -114,15 +114,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class EdgeProcess:
-    """`meg serve edge` in a child process on 127.0.0.1 with Prometheus metrics (benchmarks,
-    replica tests): ``args`` are further `meg serve edge` options (e.g. ``["--model", "tiny-random"]``)."""
+class ServiceProcess:
+    """A `meg` service in a child process on 127.0.0.1 with Prometheus metrics (benchmarks,
+    replica tests): ``command`` is e.g. ``["serve", "policy"]``, ``args`` further options;
+    ``port`` (default: a free one) lets a restarted service take its predecessor's place."""
 
-    def __init__(self, args: list[str], *, replica_id: str = "") -> None:
-        self.port = free_port()
+    def __init__(self, command: list[str], args: list[str] = (), *, health_service: str,  # type: ignore[assignment]
+                 port: int | None = None) -> None:  # fmt: skip
+        self.port = port or free_port()
         self.metrics_port = free_port()
-        argv = ["serve", "edge", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                "--log-level", "warning", *(["--replica-id", replica_id] if replica_id else []), *args]  # fmt: skip
+        self.health_service = health_service
+        argv = [*command, "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--log-level", "warning", *args]
         code = "import sys; from meg.cli import main; sys.argv[0] = 'meg'; main()"
         self.proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,  # noqa: S603
                                      stderr=subprocess.PIPE)  # fmt: skip
@@ -132,7 +134,7 @@ class EdgeProcess:
         return f"127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Block until the edge's health service reports SERVING; raise if it exits or times out."""
+        """Block until the service's health reports SERVING; raise if it exits or times out."""
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -142,15 +144,23 @@ class EdgeProcess:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else ""
-                    raise RuntimeError(f"edge exited with {self.proc.returncode}: {err}")
+                    raise RuntimeError(f"service exited with {self.proc.returncode}: {err}")
                 try:
-                    answer = stub.Check(health_pb2.HealthCheckRequest(service="meg.v1.EdgeService"), timeout=1)
+                    answer = stub.Check(health_pb2.HealthCheckRequest(service=self.health_service), timeout=1)
                     if answer.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.2)
-        raise TimeoutError(f"edge on {self.address} not serving after {timeout_s} s")
+        raise TimeoutError(f"{self.health_service} on {self.address} not serving after {timeout_s} s")
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples on the service's /metrics (0 when absent)."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
+        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                   if line.startswith((name + "{", name + " ")))  # fmt: skip
 
     def kill(self) -> None:
         """SIGKILL: the process dies mid-work, as on a crash."""
@@ -166,3 +176,13 @@ class EdgeProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+class EdgeProcess(ServiceProcess):
+    """`meg serve edge` in a child process: ``args`` are further `meg serve edge` options
+    (e.g. ``["--model", "tiny-random"]``)."""
+
+    def __init__(self, args: list[str], *, replica_id: str = "", port: int | None = None) -> None:
+        self.replica_id = replica_id
+        super().__init__(["serve", "edge"], [*(["--replica-id", replica_id] if replica_id else []), *args],
+                         health_service="meg.v1.EdgeService", port=port)  # fmt: skip

@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
+from meg.errors import ResourceExhaustedError
 from meg.services.limits import ServiceLimits, validate_plan
 from meg.services.observability import ServiceMetrics, log_event, monotonic_s
 from meg.services.security import TlsConfig
@@ -93,6 +94,10 @@ def _add_parsing_servicer(servicer: PolicyServicer, server: aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
+MAX_BATCH = 256
+"""Most observations one DecideBatch plans (more: RESOURCE_EXHAUSTED; the decision blocks the service)."""
+
+
 class PolicyServicer(policy_grpc.PolicyServiceServicer):
     """Answers `Decide` with `policy.decide(observation)`."""
 
@@ -120,6 +125,9 @@ class PolicyServicer(policy_grpc.PolicyServiceServicer):
         start = monotonic_s()
         try:
             observations = list(request.observations)
+            if len(observations) > MAX_BATCH:
+                raise ResourceExhaustedError(f"DecideBatch with {len(observations)} observations; at most {MAX_BATCH} are planned "
+                                             "together", field="observations")  # fmt: skip
             joint = getattr(self.policy, "decide_batch", None)
             plans = joint(observations) if joint is not None else [self.policy.decide(o) for o in observations]
             for plan in plans:

@@ -58,3 +58,12 @@ def test_a_report_that_is_not_one_is_refused_naming_why() -> None:
     for bad in ({}, {"request_id": "x"}, [], {"bytes": 3}):
         with pytest.raises(MegError, match="not a MEG generation report"):
             GenerationReport.from_dict(bad)  # type: ignore[arg-type]
+
+
+def test_a_merged_latent_with_an_empty_dimension_is_refused() -> None:
+    # found by the `codec-decode` target: shape [0, 4, 0, 4] reached a reshape that raised RuntimeError
+    from meg.fuzz import TARGETS
+
+    data = bytes.fromhex("6d657267653a302e3136000104000004000100000000b500")
+    with pytest.raises(MegError, match="non-empty latent"):
+        TARGETS["codec-decode"](data)
