@@ -566,6 +566,22 @@ def test_edge_uses_the_shipped_cvpo_policy_by_address(pipeline: Any, loop: Servi
     assert decide["measured"] and 0 < decide["latency_s"] < 1.0
 
 
+def test_a_dead_or_slow_policy_service_leaves_planning_to_the_edge_and_the_report_says_so(pipeline: Any,
+                                                                                         loop: ServiceLoop) -> None:
+    from meg.services.background import free_port
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    edge = start_edge(EdgeConfig(model="tiny-random", port=0, policy_address=dead, policy_timeout_s=0.5),
+                      pipeline=pipeline, loop=loop)  # fmt: skip
+    try:
+        with DeviceClient(edge.address, ClientConfig(runtime="eager", fallback=False), pipeline=pipeline) as device:
+            report = device.generate(DeviceRequest(prompt=PROMPT, seed=1)).report
+    finally:
+        edge.stop(0)
+    assert not report.fallback.used
+    assert report.plan["policy"].endswith("(policy service unavailable)"), report.plan["policy"]
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_a_server_on_the_network_without_tls_or_token_is_refused_unless_insecure(host: str) -> None:
     from meg.services.edge import create_edge_server

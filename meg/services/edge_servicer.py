@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 from google.protobuf.message import DecodeError
 from grpc import aio
@@ -168,9 +169,16 @@ class PlanSource:
                 policy_pb.DecideRequest(observation=observation), timeout=self.timeout_s, metadata=self.metadata
             )
         except aio.AioRpcError as exc:
-            raise UnavailableError(
-                f"policy service at {self.address!r} failed: {exc.code().name}: {exc.details()}"
-            ) from exc
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise UnavailableError(
+                    f"policy service at {self.address!r} failed: {exc.code().name}: {exc.details()}"
+                ) from exc
+            # down or too slow: the in-process policy plans, and the plan says so
+            start = monotonic_s()
+            plan = self.policy.decide(observation)
+            plan.policy = f"{plan.policy or 'in-process'} (policy service {exc.code().name.lower()})"
+            log_event(_log, "policy.fallback", level=logging.WARNING, address=self.address, code=exc.code().name)
+            return plan, monotonic_s() - start
         return response.plan, response.decision_latency_s
 
     async def close(self) -> None:
