@@ -64,6 +64,8 @@ def serve() -> None:
               help="Longest a UNet call waits for others to join its batch.")
 @click.option("--policy-address", default=None, help="Remote PolicyService host:port (default: in-process rules).")
 @click.option("--policy-token", default=None, help="Bearer token for the remote policy service.")
+@click.option("--policy-timeout-s", type=click.FloatRange(min=0, min_open=True), default=EdgeConfig.policy_timeout_s, show_default=True,
+              help="Deadline of each call to the remote policy; past it (or when it is down) the edge plans in-process.")
 @click.option("--policy-tls-ca", type=_PATH, default=None, help="CA certificate of a TLS policy service (PEM).")
 @click.option("--token", default=None, help=f"Bearer token callers must present (or ${TOKEN_ENV_VAR}).")
 @tls_options
@@ -82,7 +84,7 @@ def serve() -> None:
 def serve_edge_command(host: str, port: int, model: str, workers: int, queue_size: int, replica_id: str, batch_max: int,
                        batch_wait_ms: float,
                        policy_address: str | None,
-                       policy_token: str | None, policy_tls_ca: Path | None, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
+                       policy_token: str | None, policy_timeout_s: float, policy_tls_ca: Path | None, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
                        insecure: bool, realtime: bool, edge_profile: str, torch_threads: int, grace_s: float,
                        metrics_port: int | None, sr_model: str | None, log_level: str) -> None:
     """Run the edge server (EdgeService.Generate) until Ctrl-C, then drain."""
@@ -93,7 +95,7 @@ def serve_edge_command(host: str, port: int, model: str, workers: int, queue_siz
     configure_logging(log_level)
     config = EdgeConfig(host=host, port=port, model=model, workers=workers, queue_size=queue_size,
                         replica_id=replica_id, batch_max=batch_max, batch_wait_ms=batch_wait_ms,
-                        policy_address=policy_address, policy_token=policy_token,
+                        policy_address=policy_address, policy_token=policy_token, policy_timeout_s=policy_timeout_s,
                         policy_tls=tls_config(None, None, policy_tls_ca), token=resolve_token(token), tls=tls_config(tls_cert, tls_key, tls_ca), insecure=insecure,
                         realtime=realtime, edge_profile=edge_profile, torch_threads=torch_threads, grace_s=grace_s,
                         metrics_port=metrics_port, sr_model=sr_model)
