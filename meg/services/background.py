@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -126,8 +127,17 @@ class ServiceProcess:
         self.health_service = health_service
         argv = [*command, "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--log-level", "warning", *args]
         code = "import sys; from meg.cli import main; sys.argv[0] = 'meg'; main()"
+        # stderr goes to a file: a pipe nobody reads fills up and blocks the service's logging
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,  # noqa: S603
-                                     stderr=subprocess.PIPE)  # fmt: skip
+                                     stderr=self._stderr)  # fmt: skip
+
+    def stderr_tail(self, nbytes: int = 2000) -> str:
+        """The last `nbytes` the service wrote to stderr."""
+        self._stderr.seek(0, 2)
+        size = self._stderr.tell()
+        self._stderr.seek(max(0, size - nbytes))
+        return self._stderr.read().decode(errors="replace")
 
     @property
     def address(self) -> str:
@@ -143,8 +153,7 @@ class ServiceProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else ""
-                    raise RuntimeError(f"service exited with {self.proc.returncode}: {err}")
+                    raise RuntimeError(f"service exited with {self.proc.returncode}: {self.stderr_tail()}")
                 try:
                     answer = stub.Check(health_pb2.HealthCheckRequest(service=self.health_service), timeout=1)
                     if answer.status == health_pb2.HealthCheckResponse.SERVING:
