@@ -72,3 +72,35 @@ def test_malformed_policy_requests_are_invalid_argument(method: str, payload: by
     finally:
         policy.stop(0)
         loop.close()
+
+
+def test_a_stream_that_opens_and_never_sends_is_closed_by_its_deadline(edge: Any) -> None:
+    import threading
+    import time
+
+    import grpc
+
+    from meg.v1 import edge_service_pb2_grpc as edge_grpc
+
+    release = threading.Event()
+
+    def silent() -> Any:
+        release.wait(30)
+        return
+        yield  # a generator that sends nothing until released
+
+    with grpc.insecure_channel(edge.address) as channel:
+        stub = edge_grpc.EdgeServiceStub(channel)
+        started = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stub.Generate(silent(), timeout=1.0):
+                    pass
+        finally:
+            release.set()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="meg.v1.EdgeService"), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
