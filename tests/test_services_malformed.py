@@ -104,3 +104,51 @@ def test_a_stream_that_opens_and_never_sends_is_closed_by_its_deadline(edge: Any
 
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="meg.v1.EdgeService"), timeout=5)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_client_that_stops_reading_does_not_hold_up_the_others(pipeline: Any) -> None:
+    # a large answer (an uncompressed 512 px image) to a client that reads one message and
+    # stalls: HTTP/2 flow control holds the edge's writes; the other client is served, and the
+    # stalled stream ends with its deadline
+    import threading
+    import time
+
+    import grpc
+
+    from meg.services.background import ServiceLoop, start_edge
+    from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
+    from meg.services.edge import EdgeConfig
+    from meg.v1 import edge_service_pb2_grpc as edge_grpc
+
+    loop = ServiceLoop()
+    server = start_edge(EdgeConfig(port=0, model="tiny-random", workers=2), pipeline=pipeline, loop=loop)
+    try:
+        request = gen_pb.GenerationRequest(prompt="a red circle", seed=1, width=512, height=512)
+        request.plan_override.CopyFrom(plan_to_proto(make_plan("image", steps=1)))
+        stalled_code: list[Any] = []
+
+        def stall() -> None:
+            with grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+                call = edge_grpc.EdgeServiceStub(ch).Generate(iter([edge_pb.GenerateRequest(start=request)]), timeout=4.0)
+                try:
+                    next(call)  # the plan; then never read again
+                    time.sleep(6.0)
+                    for _ in call:
+                        pass
+                    stalled_code.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    stalled_code.append(exc.code())
+
+        th = threading.Thread(target=stall)
+        th.start()
+        time.sleep(0.5)
+        with DeviceClient(server.address, ClientConfig(runtime="eager", fallback=False), pipeline=pipeline) as device:
+            started = time.monotonic()
+            for seed in range(3):
+                device.generate(DeviceRequest(prompt="a blue square", seed=seed, plan=make_plan("decoder", steps=1)))
+            assert time.monotonic() - started < 4.0  # served while the other stream is stalled
+        th.join(timeout=30)
+        assert stalled_code == [grpc.StatusCode.DEADLINE_EXCEEDED]
+    finally:
+        server.stop(0)
+        loop.close()
