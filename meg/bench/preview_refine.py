@@ -37,7 +37,7 @@ class PreviewRefineBenchConfig:
     device_profile: str = "jetson-agx-orin"
     edge_profile: str = "rtx-3080-ti"
     link_bps: float = 10e6
-    """Link rate both ways (the issue's 10 Mbit/s)."""
+    """Link rate both ways (10 Mbit/s, as in the Hybrid SR paper)."""
     latent_bytes: int = 2 * 4 * 16 * 16
     """The fp16 latent that crosses (meg-tiny at 128 px: [1, 4, 16, 16])."""
 

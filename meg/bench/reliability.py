@@ -408,7 +408,8 @@ def bench_reliability(streams: int, kills: int, fuzz_runs: int, seed: int, json_
         table.add_row("edge kills: requests completed", f"{k['completed']} / {k['requests']}")
         table.add_row("  by", ", ".join(f"{a} {b}" for a, b in sorted(k["outcomes"].items())))
     for f in result["fuzz"] or []:
-        table.add_row(f"fuzz {f['target']}", f"{f['runs']} inputs, {f['crashes']} crashes, {f['hangs']} hangs, peak {f['peak_rss_mb']} MB")
+        table.add_row(f"fuzz {f['target']}", f"{f['runs']} inputs, {f['crashes']} crashes, {f['hangs']} hangs, "
+                      f"peak {f['peak_rss_mb']} MB (idle {f['idle_rss_mb']} MB)")  # fmt: skip
     Console(width=140).print(table)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

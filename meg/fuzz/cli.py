@@ -34,8 +34,11 @@ def run_target(target: str, *, runs: int, timeout_s: float = 1.0, rss_limit_mb: 
     peak = re.findall(r"stat::peak_rss_mb:\s+(\d+)", out)
     crashes = sorted(str(p) for p in artifacts.glob("crash-*"))
     hangs = sorted(str(p) for p in artifacts.glob("timeout-*"))
+    idle = None
+    if runs > 1:  # the same process after a single input: what the target costs at rest
+        idle = run_target(target, runs=1, timeout_s=timeout_s, rss_limit_mb=rss_limit_mb)["peak_rss_mb"]
     return {"target": target, "runs": int(done[-1]) if done else 0, "crashes": len(crashes), "hangs": len(hangs),
-            "peak_rss_mb": int(peak[-1]) if peak else None, "exit_code": proc.returncode,
+            "peak_rss_mb": int(peak[-1]) if peak else None, "idle_rss_mb": idle, "exit_code": proc.returncode,
             "wall_s": round(time.perf_counter() - started, 1), "artifacts": crashes + hangs,
             "tail": "" if proc.returncode == 0 else out[-3000:]}  # fmt: skip
 
@@ -58,10 +61,11 @@ def fuzz(targets: tuple[str, ...], runs: int, timeout_s: float, corpus: Path | N
         raise click.BadParameter(f"unknown target(s) {', '.join(unknown)}; targets: {', '.join(TARGETS)}", param_hint="TARGETS")
     results = [run_target(t, runs=runs, timeout_s=timeout_s, corpus=corpus / t if corpus else None) for t in names]
     table = Table(title=f"meg fuzz: {runs} inputs per target")
-    for column in ("target", "inputs", "crashes", "hangs", "peak RSS MB", "wall s"):
+    for column in ("target", "inputs", "crashes", "hangs", "peak RSS MB", "idle RSS MB", "wall s"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r["target"], str(r["runs"]), str(r["crashes"]), str(r["hangs"]), str(r["peak_rss_mb"]), str(r["wall_s"]))
+        table.add_row(r["target"], str(r["runs"]), str(r["crashes"]), str(r["hangs"]), str(r["peak_rss_mb"]), str(r["idle_rss_mb"]),
+                      str(r["wall_s"]))  # fmt: skip
     Console().print(table)
     for r in results:
         if r["exit_code"] != 0:
