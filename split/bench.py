@@ -119,6 +119,7 @@ def _run(config: SplitBenchConfig, console: Console) -> tuple[list[SplitBenchRow
 
     from meg.devices import load_profile
     from meg.split.engine import GenerationInputs, SplitEngine
+    from meg.split.flops import partition_flops
     from meg.split.loading import load_pipeline
     from meg.split.onnx_cli import parts_for_split
     from meg.split.onnx_export import ExportOptions, export_partitions
@@ -154,7 +155,7 @@ def _run(config: SplitBenchConfig, console: Console) -> tuple[list[SplitBenchRow
         task = progress.add_task("split points", total=len(points))
         for split in points:
             crossing = engine.run_edge(inputs, split)
-            flops = engine.flops(split, inputs)
+            flops = partition_flops(engine, split, inputs)
             # `image` runs nothing on the device: both columns time the same no-op hand-over.
             contenders = runtimes if "onnx" in runtimes else {**runtimes, "onnx": runtimes["torch"]}
             diffs = {

@@ -42,7 +42,6 @@ import torch
 
 from meg.errors import DeadlineExceededError, InvalidInputError, NonFiniteError, SplitError
 from meg.split.batching import StepBatcher
-from meg.split.flops import PartitionFlops, partition_flops
 from meg.split.points import SplitPoint
 from meg.split.tome import ToMeAdapter, unet_lock
 from meg.split.unet_stages import (
@@ -754,10 +753,6 @@ class SplitEngine:
         return out
 
     # ------------------------------------------------------------------ cost
-    def flops(self, split: SplitPoint, inputs: GenerationInputs, *, tome_ratio: float = 0.0) -> PartitionFlops:
-        """FLOPs per partition, counted with ``torch.utils.flop_counter`` (see `PartitionFlops`)."""
-        self.check(inputs, split)
-        return partition_flops(self, split, inputs, tome_ratio=tome_ratio)
 
 
 _ACCEPTS_GENERATOR: dict[type, bool] = {}

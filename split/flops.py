@@ -131,7 +131,9 @@ def stage_flops(
 def partition_flops(
     engine: SplitEngine, split: SplitPoint, inputs: GenerationInputs, *, tome_ratio: float = 0.0
 ) -> PartitionFlops:
-    """Edge and device FLOPs of ``split`` (see the table in this module's docstring)."""
+    """Edge and device FLOPs of ``split``, counted with ``torch.utils.flop_counter`` running
+    the engine's own stages (see the table in this module's docstring)."""
+    engine.check(inputs, split)
     engine.tome.check_ratio(tome_ratio)
     s = stage_flops(
         engine, inputs, tome_ratio=tome_ratio, boundary=split.index if split.kind == "unet" else None

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from meg.devices.flops import count_flops
 from meg.split.engine import GenerationInputs, SplitEngine
-from meg.split.flops import stage_flops
+from meg.split.flops import partition_flops, stage_flops
 from meg.split.loading import load_pipeline
 from meg.split.points import SplitPoint
 
@@ -34,25 +34,25 @@ def test_text_encoder_closed_form(engine: SplitEngine) -> None:
 
 
 def test_every_split_conserves_total_work(engine: SplitEngine) -> None:
-    total = engine.flops(SplitPoint("device"), INPUTS).device_flops
+    total = partition_flops(engine, SplitPoint("device"), INPUTS).device_flops
     assert total > 0
     for split in engine.split_points(INPUTS.steps):
-        f = engine.flops(split, INPUTS)
+        f = partition_flops(engine, split, INPUTS)
         assert f.edge_flops + f.device_flops == pytest.approx(total, rel=1e-12), str(split)
         assert f.edge_flops >= 0 and f.device_flops >= 0
 
 
 def test_partition_shapes(engine: SplitEngine) -> None:
     s = stage_flops(engine, INPUTS)
-    step2 = engine.flops(SplitPoint("step", 2), INPUTS)
+    step2 = partition_flops(engine, SplitPoint("step", 2), INPUTS)
     assert step2.edge_flops == s["text"] + 2 * s["step_edge"]
     assert step2.edge_flops_per_step == step2.device_flops_per_step == s["step_edge"]
-    decoder = engine.flops(SplitPoint("decoder"), INPUTS)
+    decoder = partition_flops(engine, SplitPoint("decoder"), INPUTS)
     assert decoder.device_flops == s["decode_dev"] and decoder.device_flops_per_step == 0.0
-    image = engine.flops(SplitPoint("image"), INPUTS)
+    image = partition_flops(engine, SplitPoint("image"), INPUTS)
     assert image.device_flops == 0.0
     # Cutting later inside the UNet moves work to the edge, monotonically.
-    parts = [engine.flops(SplitPoint("unet", b), INPUTS).edge_flops_per_step for b in range(1, 5)]
+    parts = [partition_flops(engine, SplitPoint("unet", b), INPUTS).edge_flops_per_step for b in range(1, 5)]
     assert parts == sorted(parts) and parts[-1] < s["step_edge"]
     for b in range(1, 5):
         cut = stage_flops(engine, INPUTS, boundary=b)
@@ -66,7 +66,7 @@ def test_guidance_doubles_unet_work(engine: SplitEngine) -> None:
 
 
 def test_tome_reduces_edge_flops_only(engine: SplitEngine) -> None:
-    plain = engine.flops(SplitPoint("step", 2), INPUTS)
-    merged = engine.flops(SplitPoint("step", 2), INPUTS, tome_ratio=0.5)
+    plain = partition_flops(engine, SplitPoint("step", 2), INPUTS)
+    merged = partition_flops(engine, SplitPoint("step", 2), INPUTS, tome_ratio=0.5)
     assert merged.edge_flops < plain.edge_flops
     assert merged.device_flops == plain.device_flops

@@ -116,6 +116,7 @@ def _measure_generation(config: HybridProfileConfig, resolutions: list[int], log
     from meg.models.judge import score_prompts
     from meg.models.registry import default_guidance, load_pipeline, model_dir
     from meg.split.engine import GenerationInputs, SplitEngine
+    from meg.split.flops import partition_flops
     from meg.split.points import SplitPoint
 
     prompts, specs = read_prompt_set(model_dir(config.model) / "prompts" / "independent_val.jsonl")
@@ -135,7 +136,7 @@ def _measure_generation(config: HybridProfileConfig, resolutions: list[int], log
                         images.append(engine.run_full(inputs))
                 report = score_prompts(specs, _judge_view(torch.cat(images)))
                 inputs = GenerationInputs(prompt=prompts[0], height=r, width=r, steps=d, guidance_scale=guidance)
-                flops = float(engine.flops(SplitPoint("image"), inputs).edge_flops)
+                flops = float(partition_flops(engine, SplitPoint("image"), inputs).edge_flops)
                 cpu_s = (time.perf_counter() - started) / len(prompts)
                 rows.append({"unet": unet, "steps": d, "r_px": r, "fidelity": round(report.fidelity, 4),
                              "gflops": round(flops / 1e9, 4), "cpu_s_per_image": round(cpu_s, 3)})

@@ -21,6 +21,7 @@ import torch
 from meg.devices.flops import count_architecture_flops
 from meg.errors import InvalidInputError
 from meg.policy.distortion import MERGED_SPLITS, NOISY_SPLITS, DistortionTable, MeasuredPoint
+from meg.split.flops import partition_flops
 
 __all__ = ["DEFAULT_PROMPTS", "ProfileConfig", "profile_distortion"]
 
@@ -112,7 +113,7 @@ def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
                 for split_name in config.splits:
                     split = SplitPoint.parse(split_name)
                     if i == 0:
-                        pf = engine.flops(split, inputs)
+                        pf = partition_flops(engine, split, inputs)
                         flops[f"{split_name}@{steps}"] = {"edge_flops": float(pf.edge_flops),
                                                           "device_flops": float(pf.device_flops)}
                     crossing = engine.run_edge(inputs, split)

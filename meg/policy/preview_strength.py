@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from meg.split.engine import GenerationInputs, SplitEngine
+from meg.split.flops import partition_flops
 
 __all__ = [
     "StrengthPredictor",
@@ -109,10 +110,10 @@ def profile_strength(engine: SplitEngine, preview: SplitEngine, prompts: list[st
             "features": features(engine, base, preview_latent).tolist(),
         })
     flops = {
-        "preview_device": preview.flops(SplitPoint("device"), small).device_flops,  # text encode, steps, decode
-        "scratch_edge": engine.flops(SplitPoint("decoder"), base).edge_flops,
-        "decode_device": engine.flops(SplitPoint("decoder"), base).device_flops,
-        **{f"refine_edge:{s}": engine.flops(SplitPoint("decoder"),
+        "preview_device": partition_flops(preview, SplitPoint("device"), small).device_flops,  # text encode, steps, decode
+        "scratch_edge": partition_flops(engine, SplitPoint("decoder"), base).edge_flops,
+        "decode_device": partition_flops(engine, SplitPoint("decoder"), base).device_flops,
+        **{f"refine_edge:{s}": partition_flops(engine, SplitPoint("decoder"),
                                             replace(base, steps=SplitEngine.img2img_steps(config.refine_steps, s))).edge_flops
            for s in config.strengths},
     }

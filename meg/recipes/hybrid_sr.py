@@ -51,6 +51,7 @@ from meg.recipes.plan import Plan, plan_from_proto
 from meg.recipes.report import PartCost
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.features import receive_feature, send_feature
+from meg.split.flops import partition_flops
 from meg.split.points import SplitPoint
 from meg.split.regions import Patch, crop, grid_patches, partition_latent, stitch
 from meg.v1 import generation_pb2 as gen_pb
@@ -247,7 +248,7 @@ class HybridSrRecipe(Recipe):
         started = time.perf_counter()
         latents, image = _generate_low(engine, settings, on_progress=job.on_progress, should_stop=job.should_stop)
         generate_s = time.perf_counter() - started
-        generate_flops = engine.flops(SplitPoint("image"), settings.low).edge_flops
+        generate_flops = partition_flops(engine, SplitPoint("image"), settings.low).edge_flops
         job.costs += [PartCost("edge.compute", "this-machine", generate_s, flops=generate_flops, measured=True),
                       PartCost.modelled("edge.compute", profile, generate_flops)]
         if settings.scale == 1:

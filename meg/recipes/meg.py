@@ -35,6 +35,7 @@ from meg.recipes.plan import Plan
 from meg.recipes.report import PartCost
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.features import LATENT_NAME, receive_feature, send_feature
+from meg.split.flops import partition_flops
 from meg.split.points import SplitPoint
 from meg.v1 import generation_pb2 as gen_pb
 
@@ -73,7 +74,7 @@ class MegRecipe(Recipe):
         sent = [Outgoing(name, send_feature(tensor, plan.codec_chain, job.downlink, seed=inputs.seed, name=name))
                 for name, tensor in crossing.items()]
         encode_s = time.perf_counter() - started
-        flops = engine.flops(plan.split, inputs, tome_ratio=plan.tome_ratio).edge_flops
+        flops = partition_flops(engine, plan.split, inputs, tome_ratio=plan.tome_ratio).edge_flops
         job.costs += [
             PartCost("edge.compute", "this-machine", compute_s, flops=flops, measured=True),
             PartCost("edge.encode", "this-machine", encode_s, measured=True),
@@ -142,7 +143,7 @@ class _MegDevice(DeviceHalf):
         started = time.perf_counter()
         image = self.engine.run_device(crossing, inputs, plan.split, runtime=runtime)
         compute_s = time.perf_counter() - started
-        flops = self.engine.flops(plan.split, inputs).device_flops
+        flops = partition_flops(self.engine, plan.split, inputs).device_flops
         parts = [
             PartCost("device.receive_decode", "this-machine", decode_s, measured=True),
             PartCost("device.compute", "this-machine", compute_s, flops=flops, measured=True),

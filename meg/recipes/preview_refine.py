@@ -49,6 +49,7 @@ from meg.recipes.plan import Plan, make_plan
 from meg.recipes.report import PartCost
 from meg.split.engine import GenerationInputs, SplitEngine
 from meg.split.features import LATENT_NAME, chain_for_tensor, receive_feature, send_feature
+from meg.split.flops import partition_flops
 from meg.split.points import SplitPoint
 from meg.v1 import generation_pb2 as gen_pb
 
@@ -179,7 +180,7 @@ class PreviewRefineRecipe(Recipe):
                                      should_stop=job.should_stop)
         compute_s = time.perf_counter() - started
         kept = SplitEngine.img2img_steps(plan.steps, strength)
-        flops = engine.flops(SplitPoint("decoder"), _with_steps(inputs, kept)).edge_flops
+        flops = partition_flops(engine, SplitPoint("decoder"), _with_steps(inputs, kept)).edge_flops
         job.costs += [
             PartCost("edge.compute", "this-machine", compute_s, flops=flops, measured=True),
             PartCost.modelled("edge.compute", load_profile(ctx.edge_profile), flops),
@@ -227,7 +228,7 @@ class _PreviewRefineDevice(DeviceHalf):
         self.preview_parts.append(PartCost("device.preview", "this-machine", time.perf_counter() - started,
                                            measured=True))
         if self.ctx.device_profile:
-            flops = engine.flops(SplitPoint("device"), inputs).device_flops
+            flops = partition_flops(engine, SplitPoint("device"), inputs).device_flops
             self.preview_parts.append(PartCost.modelled("device.preview", load_profile(self.ctx.device_profile), flops))
         self.info["previewer"] = name
         return latent
@@ -289,7 +290,7 @@ class _PreviewRefineDevice(DeviceHalf):
         started = time.perf_counter()
         image = self.engine.run_device({LATENT_NAME: latent}, inputs, SplitPoint("decoder"), runtime=runtime)
         compute_s = time.perf_counter() - started
-        flops = self.engine.flops(SplitPoint("decoder"), inputs).device_flops
+        flops = partition_flops(self.engine, SplitPoint("decoder"), inputs).device_flops
         parts = [*self.preview_parts,
                  PartCost("device.receive_decode", "this-machine", receive_s, measured=True),
                  PartCost("device.compute", "this-machine", compute_s, flops=flops, measured=True)]
