@@ -279,8 +279,12 @@ def run_hostile(*, streams: int = 10_000, seed: int = 0, workers: int = 8, deadl
             for _ in pool.map(send, jobs[:warm]):
                 progress.advance(task)
             rss_before = _rss_mb(edge.proc.pid)
-            for _ in pool.map(send, jobs[warm:]):
-                progress.advance(task)
+            curve = [(warm, round(rss_before, 1))]
+            step = max(1, (len(jobs) - warm) // 10)
+            for lo in range(warm, len(jobs), step):  # memory after every tenth of the run
+                for _ in pool.map(send, jobs[lo : lo + step]):
+                    progress.advance(task)
+                curve.append((min(len(jobs), lo + step), round(_rss_mb(edge.proc.pid), 1)))
         elapsed = time.perf_counter() - started
         stop.set()
         thread.join(timeout=60)
@@ -300,7 +304,8 @@ def run_hostile(*, streams: int = 10_000, seed: int = 0, workers: int = 8, deadl
         "streams": streams, "wall_s": round(elapsed, 1), "statuses": dict(statuses), "internal_or_unknown": sum(bad.values()),
         "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())}, "over_deadline": len(slow),
         "good_client": good, "edge_rss_mb": {"before_after_warmup": round(rss_before, 1), "after": round(rss_after, 1),
-                                             "growth": round(rss_after - rss_before, 1)},
+                                             "growth": round(rss_after - rss_before, 1),
+                                             "after_streams": curve},
         "health_after": health,
     }  # fmt: skip
 

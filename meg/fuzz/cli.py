@@ -28,19 +28,35 @@ def run_target(target: str, *, runs: int, timeout_s: float = 1.0, rss_limit_mb: 
     argv = [sys.executable, "-m", "meg.fuzz", target, f"-runs={runs}", f"-timeout={max(10, round(10 * timeout_s))}",
             f"-rss_limit_mb={rss_limit_mb}", f"-artifact_prefix={artifacts}/", "-print_final_stats=1", str(corpus)]  # fmt: skip
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
-    out = proc.stdout + proc.stderr
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+        # the child's own peak (VmHWM since its exec; libFuzzer's peak_rss_mb counts the parent's too)
+        peak_kb = 0
+        while proc.poll() is None:
+            peak_kb = max(peak_kb, _hwm_kb(proc.pid))
+            time.sleep(0.05)
+        log.seek(0)
+        out = log.read().decode(errors="replace")
     done = re.findall(r"Done (\d+) runs", out)
-    peak = re.findall(r"stat::peak_rss_mb:\s+(\d+)", out)
     crashes = sorted(str(p) for p in artifacts.glob("crash-*"))
     hangs = sorted(str(p) for p in artifacts.glob("timeout-*"))
     idle = None
     if runs > 1:  # the same process after a single input: what the target costs at rest
         idle = run_target(target, runs=1, timeout_s=timeout_s, rss_limit_mb=rss_limit_mb)["peak_rss_mb"]
     return {"target": target, "runs": int(done[-1]) if done else 0, "crashes": len(crashes), "hangs": len(hangs),
-            "peak_rss_mb": int(peak[-1]) if peak else None, "idle_rss_mb": idle, "exit_code": proc.returncode,
+            "peak_rss_mb": round(peak_kb / 1024) if peak_kb else None, "idle_rss_mb": idle, "exit_code": proc.returncode,
             "wall_s": round(time.perf_counter() - started, 1), "artifacts": crashes + hangs,
             "tail": "" if proc.returncode == 0 else out[-3000:]}  # fmt: skip
+
+
+def _hwm_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 @click.command("fuzz")
