@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from meg.recipes.plan import make_plan
@@ -20,7 +21,7 @@ def test_a_replica_killed_under_load_loses_no_request(pipeline: Any) -> None:
         for edge in edges:
             edge.wait_ready()
         victim = edges[1]
-        plan = make_plan("decoder", steps=2, codec_chain="none")
+        plan = make_plan("decoder", steps=4, codec_chain="none")
         config = ClientConfig(runtime="eager", connect_timeout_s=10, retries=2)
         results: list[Any] = []
         errors: list[BaseException] = []
@@ -43,8 +44,11 @@ def test_a_replica_killed_under_load_loses_no_request(pipeline: Any) -> None:
         threads = [threading.Thread(target=device, args=(i,)) for i in range(CLIENTS)]
         for th in threads:
             th.start()
-        for _ in range(CLIENTS // 2):  # kill while the load is on
+        for _ in range(CLIENTS // 2):  # kill while the load is on,
             done.acquire(timeout=120)
+        deadline = time.monotonic() + 60
+        while victim.metric("meg_requests_in_system") < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)  # and while the victim has a request in flight
         victim.kill()
         for th in threads:
             th.join(timeout=300)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from meg.codecs.chain import encode
 from meg.codecs.framing import TensorAssembler, assemble, frame_tensor
+from meg.errors import FramingError
 from meg.services.wire import ChunkView, decode_generate_response, parse_chunk_view
 from meg.v1 import edge_service_pb2 as edge_pb
 from meg.v1 import generation_pb2 as gen_pb
@@ -58,7 +59,7 @@ def _agree(raw: bytes) -> ChunkView | edge_pb.GenerateResponse | None:
         expected = None
     try:
         got: ChunkView | edge_pb.GenerateResponse | None = decode_generate_response(raw)
-    except DecodeError:
+    except FramingError:  # the reader's refusal of what protobuf cannot parse
         got = None
     if expected is None:
         assert got is None, f"{raw!r}: protobuf rejects it, the fast path gave {got!r}"
@@ -170,7 +171,7 @@ def test_invalid_utf8_request_id_is_rejected_like_protobuf() -> None:
     assert parse_chunk_view(raw) is None
     try:
         decode_generate_response(raw)
-    except DecodeError:
+    except FramingError:
         pass
     else:
         raise AssertionError("invalid UTF-8 in request_id was accepted")
