@@ -221,6 +221,7 @@ def run_hostile(*, streams: int = 10_000, seed: int = 0, workers: int = 8, deadl
         statuses: Counter[str] = Counter()
         by_kind: dict[str, Counter[str]] = {}
         slow: list[tuple[str, float]] = []
+        untyped: list[dict[str, str]] = []
         lock = threading.Lock()
         stop = threading.Event()
         good = {"ok": 0, "failed": 0, "errors": []}
@@ -263,6 +264,9 @@ def run_hostile(*, streams: int = 10_000, seed: int = 0, workers: int = 8, deadl
                 code = "OK"
             except grpc.RpcError as exc:
                 code = exc.code().name  # type: ignore[attr-defined]
+                if code in ("INTERNAL", "UNKNOWN"):
+                    with lock:
+                        untyped.append({"kind": kind, "code": code, "details": str(exc.details())[:300]})  # type: ignore[attr-defined]
             took = time.perf_counter() - started
             with lock:
                 statuses[code] += 1
@@ -296,12 +300,14 @@ def run_hostile(*, streams: int = 10_000, seed: int = 0, workers: int = 8, deadl
                 health[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         edge_channel.close()
         policy_channel.close()
+        internal_log = [line for line in (edge.stderr_tail(1 << 22) + policy.stderr_tail(1 << 22)).splitlines()
+                        if "internal_error" in line][:20]  # fmt: skip
     finally:
         edge.stop()
         policy.stop()
     bad = {k: v for k, v in statuses.items() if k in ("INTERNAL", "UNKNOWN")}
     return {
-        "streams": streams, "wall_s": round(elapsed, 1), "statuses": dict(statuses), "internal_or_unknown": sum(bad.values()),
+        "streams": streams, "wall_s": round(elapsed, 1), "statuses": dict(statuses), "internal_or_unknown": sum(bad.values()), "untyped": untyped, "internal_log": internal_log,
         "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())}, "over_deadline": len(slow),
         "good_client": good, "edge_rss_mb": {"before_after_warmup": round(rss_before, 1), "after": round(rss_after, 1),
                                              "growth": round(rss_after - rss_before, 1),
