@@ -300,7 +300,7 @@ def run_hostile(*, streams: int = 10_000, seed: int = 0, workers: int = 8, deadl
                 health[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         edge_channel.close()
         policy_channel.close()
-        internal_log = [line for line in (edge.stderr_tail(1 << 22) + policy.stderr_tail(1 << 22)).splitlines()
+        internal_log = [line for line in (edge.stderr_tail(1 << 30) + policy.stderr_tail(1 << 30)).splitlines()
                         if "internal_error" in line][:20]  # fmt: skip
     finally:
         edge.stop()
