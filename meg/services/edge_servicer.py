@@ -385,6 +385,9 @@ class EdgeServicer(edge_grpc.EdgeServiceServicer):
         slot = self.pool.admit()
         try:
             future = asyncio.ensure_future(self.pool.run(slot, work))
+            # when the request fails first (e.g. a broken uplink), the work's own exception is
+            # expected and already answered: retrieve it so asyncio does not report it
+            future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
             await self._stream_events(future, events, job, context, downlink, tally)
         finally:
             slot.release()
