@@ -41,10 +41,9 @@ DECIDE_BATCH = "/meg.v1.PolicyService/DecideBatch"
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return math.nan
+    from meg.services.background import proc_status_kb
+
+    return proc_status_kb(pid, "VmRSS") / 1024
 
 
 def _record_streams(address: str, pipeline: Any) -> list[list[bytes]]:

@@ -26,7 +26,6 @@ import json
 import os
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,17 +69,6 @@ class ServeRow:
     errors: int = 0
 
 
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # noqa: S310 - loopback
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, _, value = line.rpartition(" ")
-        values[name] = float(value)
-    return values
-
-
 def _batch_hist(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     out: dict[str, int] = {}
     for key, value in after.items():
@@ -90,10 +78,6 @@ def _batch_hist(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             if delta:
                 out[size] = delta
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
-
-
-def _metric(values: dict[str, float], name: str) -> float:
-    return sum(v for k, v in values.items() if k.startswith(name + "{") or k == name)
 
 
 def _load_level(edge: EdgeProcess, ues: int, *, pipeline: Any, warmup_s: float, window_s: float, size: int, plan: Any,
@@ -144,9 +128,9 @@ def _load_level(edge: EdgeProcess, ues: int, *, pipeline: Any, warmup_s: float, 
     for th in threads:
         th.start()
     time.sleep(max(0.0, window[0] - time.monotonic()))
-    scrapes.append(_scrape(edge.metrics_port))
+    scrapes.append(edge.scrape())
     time.sleep(max(0.0, window[1] - time.monotonic()))
-    scrapes.append(_scrape(edge.metrics_port))
+    scrapes.append(edge.scrape())
     for th in threads:
         th.join()
     for client in clients:
@@ -170,7 +154,7 @@ def run_serve_bench(*, ues: tuple[int, ...] = (1, 4, 16, 64), window_s: float = 
 
     import meg.models  # noqa: F401  (registers meg-tiny)
     from meg.recipes.plan import make_plan
-    from meg.services.background import EdgeProcess
+    from meg.services.background import EdgeProcess, metric_sum
     from meg.split.loading import load_pipeline
 
     plan = make_plan("decoder", steps=steps, codec_chain=codec_chain, tome_ratio=tome_ratio)
@@ -197,7 +181,7 @@ def run_serve_bench(*, ues: tuple[int, ...] = (1, 4, 16, 64), window_s: float = 
                     before, after = scrapes
                     if level == image_level:
                         kept[mode] = images
-                    busy = _metric(after, "meg_unet_busy_seconds_total") - _metric(before, "meg_unet_busy_seconds_total")
+                    busy = metric_sum(after, "meg_unet_busy_seconds_total") - metric_sum(before, "meg_unet_busy_seconds_total")
                     edge_s = [r["edge_s"] for r in records]
                     if n == 1:  # without the batcher the request's edge compute is all its own
                         busy = sum(edge_s)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meg.fuzz import TARGETS
+from meg.services.background import proc_status_kb
 
 __all__ = ["fuzz", "run_target"]
 
@@ -33,7 +34,7 @@ def run_target(target: str, *, runs: int, timeout_s: float = 1.0, rss_limit_mb: 
         # the child's own peak (VmHWM since its exec; libFuzzer's peak_rss_mb counts the parent's too)
         peak_kb = 0
         while proc.poll() is None:
-            peak_kb = max(peak_kb, _hwm_kb(proc.pid))
+            peak_kb = max(peak_kb, proc_status_kb(proc.pid, "VmHWM"))
             time.sleep(0.05)
         log.seek(0)
         out = log.read().decode(errors="replace")
@@ -47,16 +48,6 @@ def run_target(target: str, *, runs: int, timeout_s: float = 1.0, rss_limit_mb: 
             "peak_rss_mb": round(peak_kb / 1024) if peak_kb else None, "idle_rss_mb": idle, "exit_code": proc.returncode,
             "wall_s": round(time.perf_counter() - started, 1), "artifacts": crashes + hangs,
             "tail": "" if proc.returncode == 0 else out[-3000:]}  # fmt: skip
-
-
-def _hwm_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 @click.command("fuzz")

@@ -15,12 +15,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from meg.services.edge import EdgeConfig, EdgeServer, create_edge_server
 from meg.services.policy_server import PolicyServer, PolicyServerConfig, create_policy_server
 
-__all__ = ["EdgeProcess", "RunningServer", "ServiceLoop", "ServiceProcess", "free_port", "start_edge", "start_policy"]
+__all__ = ["EdgeProcess", "RunningServer", "ServiceLoop", "ServiceProcess", "free_port", "metric_sum", "proc_status_kb",
+           "start_edge", "start_policy"]
 
 T = TypeVar("T")
 
@@ -108,6 +110,22 @@ def start_policy(config: PolicyServerConfig = PolicyServerConfig(), *, policy: A
     return RunningServer(service_loop.run(start()), service_loop, own)
 
 
+def metric_sum(samples: dict[str, float], name: str) -> float:
+    """Sum of the samples of metric `name` (all label sets) in a `ServiceProcess.scrape`."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def proc_status_kb(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` size in kB (``VmRSS``, ``VmHWM``); 0 once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -163,13 +181,21 @@ class ServiceProcess:
                 time.sleep(0.2)
         raise TimeoutError(f"{self.health_service} on {self.address} not serving after {timeout_s} s")
 
-    def metric(self, name: str) -> float:
-        """Sum of a metric's samples on the service's /metrics (0 when absent)."""
+    def scrape(self) -> dict[str, float]:
+        """Every sample on the service's /metrics, by name with labels (``name{label="v"}``)."""
         import urllib.request
 
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
-        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
-                   if line.startswith((name + "{", name + " ")))  # fmt: skip
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples on the service's /metrics (0 when absent)."""
+        return metric_sum(self.scrape(), name)
 
     def kill(self) -> None:
         """SIGKILL: the process dies mid-work, as on a crash."""

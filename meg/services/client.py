@@ -310,7 +310,7 @@ class DeviceClient:
                 except (UnavailableError, ChannelError) as exc:
                     # the replica died or broke the stream: another healthy one gets the request
                     self._edge_ok = False
-                    if len(retried) >= self.config.retries or isinstance(exc, DeadlineExceededError):
+                    if len(retried) >= self.config.retries:
                         raise
                     retried.append(f"{answer.replica or 'unknown replica'}: {type(exc).__name__}: {exc.message}")
                     if half.plan is not None:

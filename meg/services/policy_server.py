@@ -30,6 +30,7 @@ from meg.services.transport import (
     set_serving,
     stop_signal,
 )
+from meg.v1 import generation_pb2 as gen_pb
 from meg.v1 import policy_service_pb2 as policy_pb
 from meg.v1 import policy_service_pb2_grpc as policy_grpc
 
@@ -107,39 +108,42 @@ class PolicyServicer(policy_grpc.PolicyServiceServicer):
         self.metrics = metrics
 
     async def Decide(self, request: policy_pb.DecideRequest, context: aio.ServicerContext) -> policy_pb.DecideResponse:  # noqa: N802
-        start = monotonic_s()
-        try:
-            plan = self.policy.decide(request.observation)
-            validate_plan(plan, self.limits)
-        except Exception as exc:  # the one boundary where exceptions become statuses
-            code = grpc_code_for(exc)
-            self.metrics.observe(latency_s=monotonic_s() - start, code=code.name)
-            log_event(_log, "decide.error", level=logging.WARNING, code=code.name, error=error_message(exc))
-            await context.abort(code, error_message(exc))
-        latency_s = monotonic_s() - start
-        self.metrics.observe(latency_s=latency_s, code="OK")
-        return policy_pb.DecideResponse(plan=plan, decision_latency_s=latency_s)
+        def decide() -> list[gen_pb.Plan]:
+            return [self.policy.decide(request.observation)]
+
+        plans, latency_s = await self._answer(context, "decide", decide)
+        return policy_pb.DecideResponse(plan=plans[0], decision_latency_s=latency_s)
 
     async def DecideBatch(self, request: policy_pb.DecideBatchRequest,  # noqa: N802
                           context: aio.ServicerContext) -> policy_pb.DecideBatchResponse:
-        start = monotonic_s()
-        try:
+        def decide() -> list[gen_pb.Plan]:
             observations = list(request.observations)
             if len(observations) > MAX_BATCH:
                 raise ResourceExhaustedError(f"DecideBatch with {len(observations)} observations; at most {MAX_BATCH} are planned "
                                              "together", field="observations")  # fmt: skip
             joint = getattr(self.policy, "decide_batch", None)
-            plans = joint(observations) if joint is not None else [self.policy.decide(o) for o in observations]
+            return list(joint(observations)) if joint is not None else [self.policy.decide(o) for o in observations]
+
+        plans, latency_s = await self._answer(context, "decide_batch", decide)
+        return policy_pb.DecideBatchResponse(plans=plans, decision_latency_s=latency_s)
+
+    async def _answer(self, context: aio.ServicerContext, event: str,
+                      decide: Callable[[], list[gen_pb.Plan]]) -> tuple[list[gen_pb.Plan], float]:  # fmt: skip
+        """Run `decide`, check every plan against the limits and time it; the one boundary
+        where exceptions become statuses (and a metric and a warning line)."""
+        start = monotonic_s()
+        try:
+            plans = decide()
             for plan in plans:
                 validate_plan(plan, self.limits)
-        except Exception as exc:  # the one boundary where exceptions become statuses
+        except Exception as exc:
             code = grpc_code_for(exc)
             self.metrics.observe(latency_s=monotonic_s() - start, code=code.name)
-            log_event(_log, "decide_batch.error", level=logging.WARNING, code=code.name, error=error_message(exc))
+            log_event(_log, f"{event}.error", level=logging.WARNING, code=code.name, error=error_message(exc))
             await context.abort(code, error_message(exc))
         latency_s = monotonic_s() - start
         self.metrics.observe(latency_s=latency_s, code="OK")
-        return policy_pb.DecideBatchResponse(plans=plans, decision_latency_s=latency_s)
+        return plans, latency_s
 
 
 class PolicyServer(BoundServer):
