@@ -71,16 +71,23 @@ _SDXL_VAE = dict(
 )
 
 
-def count_architecture_flops(arch: CostArchitecture, height: int, width: int) -> dict[str, float]:
+def count_architecture_flops(arch: CostArchitecture, height: int, width: int, *,
+                             tome_ratio: float = 0.0) -> dict[str, float]:
     """Count FLOPs of one UNet pass, the VAE decoder and the text encoders at HEIGHT×WIDTH.
 
     Args:
         arch: cost architecture ("sdxl": UNet 2.6B, VAE f=8, CLIP-L + OpenCLIP-bigG).
         height, width: image size in pixels (multiples of 8).
+        tome_ratio: when > 0, also count the UNet pass with ToMe (tomesd, merging before
+            self-attention) at this ratio on every transformer block, as MEG runs its edge
+            UNet (PAPERS.md §1: ratio 0.5 on all transformer blocks).
     Returns:
-        {"unet_pass_flops", "vae_decoder_flops", "text_encoder_flops"} in FLOPs. One
-        denoising step with classifier-free guidance costs two UNet passes.
+        {"unet_pass_flops", "vae_decoder_flops", "text_encoder_flops"} in FLOPs, plus
+        "unet_pass_flops_tome" and "tome_ratio" when ``tome_ratio > 0``. One denoising step
+        with classifier-free guidance costs two UNet passes.
     """
+    if not 0.0 <= tome_ratio < 0.75:
+        raise InvalidInputError(f"tome_ratio {tome_ratio!r} outside [0, 0.75)")
     if arch != "sdxl":
         raise InvalidInputError(f"unknown cost architecture {arch!r} (known: 'sdxl')")
     if height % 8 or width % 8 or height <= 0 or width <= 0:
@@ -106,5 +113,17 @@ def count_architecture_flops(arch: CostArchitecture, height: int, width: int) ->
         unet_flops = count_flops(lambda: unet(latent, torch.tensor([1]), text, added_cond_kwargs=added))  # type: ignore[operator]
         vae_flops = count_flops(lambda: vae.decode(latent))  # type: ignore[attr-defined]
         text_flops = count_flops(lambda: (clip_l(ids), clip_g(ids)))
-    return {"unet_pass_flops": float(unet_flops), "vae_decoder_flops": float(vae_flops),
-            "text_encoder_flops": float(text_flops)}
+        out = {"unet_pass_flops": float(unet_flops), "vae_decoder_flops": float(vae_flops),
+               "text_encoder_flops": float(text_flops)}
+        if tome_ratio > 0:
+            import tomesd
+
+            # every level: the largest downsampling of the UNet; deterministic destinations
+            # (the random ones merge exactly as many tokens)
+            tomesd.apply_patch(unet, ratio=tome_ratio, max_downsample=2 ** len(_SDXL_UNET["block_out_channels"]), use_rand=False)  # type: ignore[arg-type]
+            try:
+                out["unet_pass_flops_tome"] = float(count_flops(lambda: unet(latent, torch.tensor([1]), text, added_cond_kwargs=added)))  # type: ignore[operator]
+            finally:
+                tomesd.remove_patch(unet)
+            out["tome_ratio"] = float(tome_ratio)
+    return out

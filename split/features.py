@@ -136,24 +136,27 @@ def noise_sigma_link(sigma: float, *, generator: torch.Generator) -> LinkEmulato
     return LinkEmulator(config, generator=generator)
 
 
-def merge_noise_unmerge(latents: Tensor, ratio: float, sigmas: Tensor, *, generator: torch.Generator) -> Tensor:
-    """The feature path on a batch, one sample at a time: ``latents[b]`` merged at ``ratio``,
-    through the analog link at noise σ = ``sigmas[b]`` (relative to the merged tokens' RMS),
-    unmerged. What the merge-aware decoder trains on and is measured on.
+def merge_noise_unmerge(latents: Tensor, ratio: float | Tensor, sigmas: Tensor, *, generator: torch.Generator) -> Tensor:
+    """The feature path on a batch, one sample at a time: ``latents[b]`` merged at ``ratio``
+    (or ``ratio[b]``), through the analog link at noise σ = ``sigmas[b]`` (relative to the
+    merged tokens' RMS), unmerged. What the merge-aware decoder trains on and is measured on.
 
     Args:
         latents: ``[B, C, h, w]`` latents (any device; the path runs on the CPU).
-        ratio: merge ratio, 0 ≤ ratio ≤ 0.75.
+        ratio: merge ratio, 0 ≤ ratio ≤ 0.75: one for the batch, or ``[B]`` per sample.
         sigmas: ``[B]`` noise σ per sample (0: no noise).
         generator: draws each sample's merge and channel seeds.
     Returns:
         ``[B, C, h, w]`` on the latents' device and dtype.
     """
     out = []
+    ratios = ratio.reshape(-1).tolist() if isinstance(ratio, Tensor) else [float(ratio)] * latents.shape[0]
+    if len(ratios) != latents.shape[0]:
+        raise InvalidInputError(f"{len(ratios)} merge ratios for a batch of {latents.shape[0]}", field="ratio")
     for b in range(latents.shape[0]):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         link = noise_sigma_link(float(sigmas[b]), generator=torch.Generator().manual_seed(seed + 1))
-        received = through_link(latents[b : b + 1].detach().float().cpu(), f"merge:{ratio:g}", link, seed=seed)
+        received = through_link(latents[b : b + 1].detach().float().cpu(), f"merge:{ratios[b]:g}", link, seed=seed)
         assert isinstance(received, Tensor)
         out.append(received)
     return torch.cat(out).to(latents.device, latents.dtype)

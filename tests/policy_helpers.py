@@ -49,7 +49,7 @@ def small_sim(**overrides: object) -> PlanSimulator:
         resolutions=(64,), steps=STEPS, merge_ratios=MERGES, max_merge_ratio=0.5, episode_length=8,
         latency_limit_s=1.0, energy_limit_j=1000.0, fading="rayleigh", fading_correlation=0.9)
     fields.update(overrides)
-    return PlanSimulator(EnvConfig(**fields), table=small_table(), edge=EDGE, device=DEVICE)  # type: ignore[arg-type]
+    return PlanSimulator(EnvConfig.preset("extended", **fields), table=small_table(), edge=EDGE, device=DEVICE)  # type: ignore[arg-type]
 
 
 @pytest.fixture

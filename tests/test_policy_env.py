@@ -140,10 +140,10 @@ def test_fading_makes_snr_vary_around_path_loss() -> None:
     assert np.corrcoef(snr[:-1].ravel(), snr[1:].ravel())[0, 1] > 0.5
 
 
-def test_default_limits_bind() -> None:
+def test_extended_limits_bind() -> None:
     """With the shipped table and profiles, the best-quality plan breaks the limits, and most
     requests still have a feasible plan."""
-    sim = PlanSimulator(EnvConfig())
+    sim = PlanSimulator(EnvConfig.preset("extended"))
     sim.reset(512, seed=0)
     space = sim.space
     reward, latency_s, energy_j, _ = sim.outcome(space.split[None], space.steps[None], space.merge_ratio[None])

@@ -25,7 +25,7 @@ from meg.v1 import generation_pb2, policy_service_pb2
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 TINY_CVPO = CVPOConfig(epochs=2, episodes_per_epoch=2, updates_per_epoch=2, batch_size=16, warmup_epochs=1,
-                       hidden=(16, 16), critic_hidden=(16, 16))
+                       hidden=(16, 16), critic_hidden=(16, 16), cost_margin=(0.15, 0.10))
 
 
 def _observation(snr_db: float, size: int = 64, latency_s: float = 0.0, energy_j: float = 0.0) -> policy_service_pb2.Observation:

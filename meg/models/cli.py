@@ -142,6 +142,48 @@ def decoder_continue(work_dir: Path, model_dir: Path, device: str, threads: int,
     click.echo(f"decoder-continue: {elapsed:.1f} s on {session.device}; wrote {model_dir / 'vae_merge'}")
 
 
+@train.command(name="decoder-paper")
+@_continue_options
+@click.option("--crop", type=click.IntRange(min=8), default=64, show_default=True, help="Crop side in pixels (multiple of 8).")
+@click.option("--prompts", type=click.IntRange(min=1), default=384, show_default=True,
+              help="Fresh training-distribution captions; each is generated at every step count and at the reference's.")  # fmt: skip
+@click.option("--min-steps", type=click.IntRange(min=1), default=4, show_default=True, help="Fewest edge steps L (paper: 4).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=11, show_default=True, help="Most edge steps L (paper: 11).")
+@click.option("--reference-steps", type=click.IntRange(min=1), default=12, show_default=True, help="Steps of the target image (paper: 12).")
+@click.option("--ratio-high", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Merge ratio ~ U(0, this), clipped to 0.75 (paper: 1); 0 trains on channel noise alone.")  # fmt: skip
+@click.option("--sigma", type=(float, float), default=(0.05, 0.32), show_default=True, help="Channel noise σ ~ U(lo, hi) (paper: 0.05 0.32).")
+@click.option("--tome-ratio", type=click.FloatRange(0, 0.74), default=0.5, show_default=True, help="ToMe ratio inside the edge UNet (paper: 0.5).")
+@click.option("--init", default="vae", show_default=True, help="Decoder folder to start from (paper: the stock decoder, vae).")
+@click.option("--out", default="vae_merge_paper", show_default=True, help="Folder the decoder is written to, inside the model folder.")
+def decoder_paper(work_dir: Path, model_dir: Path, device: str, threads: int, steps: int, batch: int, lr: float, crop: int, prompts: int,
+                  min_steps: int, max_steps: int, reference_steps: int, ratio_high: float, sigma: tuple[float, float], tome_ratio: float,
+                  init: str, out: str) -> None:  # fmt: skip
+    """Distil a merge-aware decoder as MEG's paper does (target: the 12-step reference image).
+
+    Each sample draws L ~ U{min..max steps}, a merge ratio and a channel σ; the decoder
+    sees the L-step edge latent through merge → noise → unmerge and learns the reference
+    image. Seeded; recorded in training.json under OUT; compare with `meg eval decoders`.
+    """
+    from meg.models.stages import distil_decoder_paper
+
+    if crop % 8:
+        raise click.BadParameter(f"crop must be a multiple of 8, got {crop}", param_hint="--crop")
+    if min_steps > max_steps or max_steps > reference_steps:
+        raise click.BadParameter(f"need min-steps {min_steps} <= max-steps {max_steps} <= reference-steps {reference_steps}")
+    if not 0 <= sigma[0] <= sigma[1]:
+        raise click.BadParameter(f"sigma range {sigma} must satisfy 0 <= lo <= hi", param_hint="--sigma")
+    session = _recorded_session(work_dir, model_dir, device, threads)
+    if crop > session.family.image_size:
+        raise click.BadParameter(f"crop {crop} is larger than the family's {session.family.image_size}-px images", param_hint="--crop")
+    if not (model_dir / init).is_dir():
+        raise click.BadParameter(f"{str(model_dir / init)!r} is not a decoder folder", param_hint="--init")
+    elapsed = distil_decoder_paper(session, steps=steps, batch=batch, crop=crop, lr=lr, prompts=prompts, step_range=(min_steps, max_steps),
+                                   reference_steps=reference_steps, ratio_high=ratio_high, sigma=sigma, tome_ratio=tome_ratio,
+                                   init=init, out=out)  # fmt: skip
+    click.echo(f"decoder-paper: {elapsed:.1f} s on {session.device}; wrote {model_dir / out}")
+
+
 @train.command(name="teacher-continue")
 @_continue_options
 @click.option("--min-snr", type=float, default=0.0, show_default=True, help="Min-SNR-γ loss weighting (0: off).")

@@ -56,7 +56,7 @@ from meg.models.world import (
     sample_scenes,
 )
 
-__all__ = ["DISTILL_TARGETS", "INDEPENDENT_SETS", "PROMPT_SETS", "STAGES", "caption_labels", "continue_decoder", "continue_distill", "continue_teacher", "run_stage", "write_prompt_files"]
+__all__ = ["DISTILL_TARGETS", "INDEPENDENT_SETS", "PROMPT_SETS", "STAGES", "caption_labels", "continue_decoder", "distil_decoder_paper", "continue_distill", "continue_teacher", "run_stage", "write_prompt_files"]
 
 _COLOURS = list(OBJECT_COLOURS)
 _BG = list(BACKGROUND_COLOURS)
@@ -704,6 +704,89 @@ def continue_decoder(session: Session, *, steps: int, batch: int, crop: int, lr:
     _train_decoder(session, "decoder_continue", _load_vae(session, "vae_merge"), latents, steps=steps, batch=batch, crop=crop, lr=lr, loss=loss)
     elapsed = time.perf_counter() - t0
     session.record("decoder_continue", batch=batch, crop=crop, lr=lr, loss=loss, pool=2 * pool, wall_s=round(elapsed, 1))
+    return elapsed
+
+
+def _reference_pool(session: Session, *, prompts: int, step_range: tuple[int, int], reference_steps: int,
+                    tome_ratio: float, seed: int) -> dict[str, torch.Tensor]:
+    """Edge latents of `prompts` fresh training-distribution captions at every step count in
+    `step_range` and at `reference_steps`, each prompt from one seed (the served edge path:
+    `SplitEngine.run_edge` at the decoder split, ToMe at `tome_ratio`). Cached in the stage's
+    work folder. Returns {"latents": [P, S, 4, h, w] fp16 for steps lo..hi, "reference": [P, 4, h, w]}."""
+    from meg.split import GenerationInputs, SplitEngine, SplitPoint, load_pipeline
+
+    lo, hi = step_range
+    path = session.stage_dir("decoder_paper") / f"pool-{prompts}-{lo}-{hi}-{reference_steps}-{tome_ratio:g}-{seed}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    scenes = sample_scenes(prompts, seed)
+    rng = np.random.default_rng(seed)
+    captions = [caption_scene(scenes, i, rng)[0] for i in range(prompts)]
+    engine = SplitEngine(load_pipeline(str(session.model_dir.resolve())))
+    split = SplitPoint.parse("decoder")
+    size = session.family.image_size
+    guidance = session.family.student_guidance
+    latents, references = [], []
+    with torch.inference_mode():
+        for i, caption in enumerate(tqdm(captions, desc="edge latents", disable=not session.progress)):
+            def run(steps: int, caption: str = caption, i: int = i) -> torch.Tensor:
+                inputs = GenerationInputs(prompt=caption, seed=seed + i, height=size, width=size, steps=steps, guidance_scale=guidance)
+                return engine.run_edge(inputs, split, tome_ratio=tome_ratio)["latents"][0].half()
+
+            latents.append(torch.stack([run(n) for n in range(lo, hi + 1)]))
+            references.append(run(reference_steps))
+    pool = {"latents": torch.stack(latents), "reference": torch.stack(references)}
+    torch.save(pool, path)
+    return pool
+
+
+def distil_decoder_paper(session: Session, *, steps: int, batch: int, crop: int, lr: float, prompts: int,
+                         step_range: tuple[int, int] = (4, 11), reference_steps: int = 12, ratio_high: float = 1.0,
+                         sigma: tuple[float, float] = (0.05, 0.32), tome_ratio: float = 0.5, seed: int = 909,
+                         init: str = "vae", out: str = "vae_merge_paper") -> float:  # fmt: skip
+    """MEG's offline decoder distillation as the paper does it (PAPERS.md §1): per sample a
+    step count L ~ U{step_range}, merge ratio ~ U(0, ratio_high) clipped to the merge's 0.75,
+    channel noise σ ~ U(sigma) on the merged tokens; input: the L-step edge latent through the
+    served feature path (`merge_noise_unmerge`); target: the stock decoder's image of the same
+    prompt's `reference_steps`-step latent. AdamW at `lr` with linear warm-up and cosine decay,
+    from the `init` folder's decoder; writes model_dir/`out`; recorded under "decoder_paper"
+    (or `out`) in training.json. `ratio_high=0` trains on noise alone (no merging). Returns the
+    wall time."""
+    from meg.codecs.merge import MAX_MERGE_RATIO
+    from meg.split.features import merge_noise_unmerge
+
+    t0 = time.perf_counter()
+    torch.manual_seed(session.train.seed)
+    pool = _reference_pool(session, prompts=prompts, step_range=step_range, reference_steps=reference_steps,
+                           tome_ratio=tome_ratio, seed=session.train.seed + seed)  # fmt: skip
+    latents, reference = pool["latents"].to(session.device), pool["reference"].to(session.device)
+    stock = _load_vae(session)
+    vae = _load_vae(session, init)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    sf = float(vae.config.scaling_factor)
+    opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=lr)
+    lo_sigma, hi_sigma = sigma
+    n_steps = latents.shape[1]
+
+    def step(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(latents), (batch,), generator=gen)
+        which = torch.randint(0, n_steps, (batch,), generator=gen)
+        ratios = (torch.rand(batch, generator=gen) * ratio_high).clamp(max=MAX_MERGE_RATIO)
+        sigmas = lo_sigma + (hi_sigma - lo_sigma) * torch.rand(batch, generator=gen)
+        with torch.no_grad():
+            z = latents[idx.to(session.device), which.to(session.device)].float()
+            noisy = merge_noise_unmerge(z, ratios, sigmas, generator=gen)
+            both, _ = _random_crops(torch.cat([reference[idx.to(session.device)].float(), noisy], dim=1), crop // 8, gen)
+            target = (stock.decode(both[:, :4] / sf).sample.clamp(-1, 1) + 1) / 2
+        image = (vae.decode(both[:, 4:] / sf).sample + 1) / 2
+        return {"image_mse": F.mse_loss(image, target)}
+
+    run_loop(session, out, {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, opt, steps, step)
+    _save(vae, session.model_dir / out)
+    elapsed = time.perf_counter() - t0
+    session.record(out, batch=batch, crop=crop, lr=lr, prompts=prompts, step_range=list(step_range), reference_steps=reference_steps,
+                   ratio_high=ratio_high, sigma=list(sigma), tome_ratio=tome_ratio, seed=seed, init=init, wall_s=round(elapsed, 1))  # fmt: skip
     return elapsed
 
 

@@ -48,6 +48,9 @@ def env_config_from_dict(data: dict[str, Any]) -> EnvConfig:
         raise InvalidInputError(f"environment config has unknown keys {unknown}")
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     values.setdefault("reward_mse_offset", 0.0)  # written before the field existed: plain −log MSE
+    # written before these fields existed: the behaviour of that time, not today's defaults
+    for key, old in (("feature_noise", "snr"), ("distance_model", "walk"), ("edge_tome_ratio", 0.0)):
+        values.setdefault(key, old)
     return EnvConfig(**values)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from meg.policy.env import EnvConfig
+from meg.policy.env import ENV_PRESETS, EnvConfig
 from meg.policy.measure_distortion import ProfileConfig
 
 _ENV = EnvConfig()
@@ -19,26 +19,26 @@ _PROFILE = ProfileConfig()
 
 def _env_options(fn: Any) -> Any:
     options = [
-        click.option("--table", default=_ENV.table, show_default=True,
-                     help="Distortion table: packaged model name or JSON path."),
-        click.option("--latency-limit-s", default=_ENV.latency_limit_s, show_default=True,
-                     type=click.FloatRange(min=0, min_open=True), help="Average latency limit per request (s)."),
-        click.option("--energy-limit-j", default=_ENV.energy_limit_j, show_default=True,
-                     type=click.FloatRange(min=0, min_open=True), help="Average energy limit per request (J)."),
-        click.option("--merge-head", default=_ENV.merge_head, show_default=True,
-                     type=click.Choice(["discrete", "continuous"]), help="Merge ratio from bins or a Gaussian."),
-        click.option("--episode-length", default=_ENV.episode_length, show_default=True,
-                     type=click.IntRange(min=1), help="Requests per episode."),
+        click.option("--preset", default="paper", show_default=True, type=click.Choice(sorted(ENV_PRESETS)),
+                     help="paper: MEG's MDP as published; extended: split-point action, two sizes, Rician "
+                          "fading, σ from the SNR (the options below override either)."),
+        click.option("--table", default=None, help=f"Distortion table: packaged model name or JSON path [paper: {_ENV.table}]."),
+        click.option("--latency-limit-s", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help=f"Average latency limit per request (s) [paper: {_ENV.latency_limit_s:g}]."),
+        click.option("--energy-limit-j", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help=f"Average energy limit per request (J) [paper: {_ENV.energy_limit_j:g}]."),
+        click.option("--merge-head", default=None, type=click.Choice(["discrete", "continuous"]),
+                     help=f"Merge ratio from bins or a Gaussian [paper: {_ENV.merge_head}]."),
+        click.option("--episode-length", default=None, type=click.IntRange(min=1),
+                     help=f"Requests per episode [paper: {_ENV.episode_length}]."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _env_config(table: str, latency_limit_s: float, energy_limit_j: float, merge_head: str,
-                episode_length: int) -> EnvConfig:
-    return EnvConfig(table=table, latency_limit_s=latency_limit_s, energy_limit_j=energy_limit_j,
-                     merge_head=merge_head, episode_length=episode_length)  # type: ignore[arg-type]
+def _env_config(preset: str, **overrides: Any) -> EnvConfig:
+    return EnvConfig.preset(preset, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @click.group()
@@ -57,8 +57,14 @@ def policy() -> None:
 @click.option("--width", default=_PROFILE.width, show_default=True, type=click.IntRange(min=8), help="Pixels.")
 @click.option("--seed", default=_PROFILE.seed, show_default=True, help="Base seed.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch threads.")
+@click.option("--steps", "steps_grid", default=",".join(map(str, _PROFILE.steps)), show_default=True,
+              help="Comma-separated total steps to measure.")
+@click.option("--tome-ratio", default=_PROFILE.tome_ratio, show_default=True, type=click.FloatRange(0, 0.74),
+              help="ToMe ratio inside the edge UNet (MEG: 0.5).")
+@click.option("--decoder", default=None, help="VAE folder of the model the device decodes the merged latent with "
+              "(vae: stock, vae_merge, vae_merge_paper, …); default: the pipeline's own.")
 def profile_command(model: str, out_path: Path, prompt_file: Path | None, prompts: int | None, height: int,
-                    width: int, seed: int, threads: int) -> None:
+                    width: int, seed: int, threads: int, steps_grid: str, tome_ratio: float, decoder: str | None) -> None:
     """Measure MSE vs the reference over (split, steps, merge ratio, channel noise σ)."""
     import torch
     from tqdm import tqdm
@@ -66,7 +72,14 @@ def profile_command(model: str, out_path: Path, prompt_file: Path | None, prompt
     from meg.policy.measure_distortion import profile_distortion
 
     torch.set_num_threads(threads)
-    config = ProfileConfig(model=model, seed=seed, height=height, width=width)
+    try:
+        steps = tuple(sorted({int(s) for s in steps_grid.split(",") if s.strip()}))
+    except ValueError as exc:
+        raise click.BadParameter(f"steps {steps_grid!r} must be comma-separated integers", param_hint="--steps") from exc
+    if not steps or steps[0] < 1:
+        raise click.BadParameter(f"steps {steps_grid!r} must be positive", param_hint="--steps")
+    config = ProfileConfig(model=model, seed=seed, height=height, width=width, steps=steps, tome_ratio=tome_ratio,
+                           decoder=decoder)
     if prompt_file is not None:
         lines = tuple(line.strip() for line in prompt_file.read_text().splitlines() if line.strip())
         config = dataclasses.replace(config, prompts=lines)
@@ -87,7 +100,8 @@ def profile_command(model: str, out_path: Path, prompt_file: Path | None, prompt
 
 
 @policy.command("train")
-@click.option("--algo", type=click.Choice(["cvpo", "ppo-lagrangian", "unconstrained"]), default="cvpo", show_default=True)
+@click.option("--algo", type=click.Choice(["cvpo", "ppo-lagrangian", "ddpg-lagrangian", "unconstrained"]), default="cvpo",
+              show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Checkpoint folder (weights.safetensors, meta.json, history.json, curves.png).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the algorithm's).")
@@ -112,6 +126,10 @@ def train_command(algo: str, out_dir: Path, epochs: int | None, seed: int, threa
         from meg.policy.ppo_lagrangian import PPOLagrangianConfig, train_ppo_lagrangian
 
         config, trainer = PPOLagrangianConfig(seed=seed), train_ppo_lagrangian
+    elif algo == "ddpg-lagrangian":
+        from meg.policy.ddpg_lagrangian import DDPGLagrangianConfig, train_ddpg_lagrangian
+
+        config, trainer = DDPGLagrangianConfig(seed=seed), train_ddpg_lagrangian
     else:
         from meg.policy.unconstrained import UnconstrainedConfig, train_unconstrained
 
@@ -143,7 +161,8 @@ def train_command(algo: str, out_dir: Path, epochs: int | None, seed: int, threa
 
 @policy.command("eval")
 @click.option("--algo", "algos", required=True,
-              help="Comma-separated algorithms: cvpo, ppo-lagrangian, unconstrained, fixed-meg, fixed-image, random, rule, oracle.")
+              help="Comma-separated algorithms: cvpo, ppo-lagrangian, ddpg-lagrangian, unconstrained, fixed-meg, "
+                   "fixed-image, random, rule, oracle.")
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoint folder of a learned algorithm (repeat for several).")
 @click.option("--episodes", default=100, show_default=True, type=click.IntRange(min=1), help="Episodes per algorithm.")

@@ -72,7 +72,8 @@ class CostModel:
     Args:
         edge, device: `meg.devices.DeviceProfile`s (anything with compute_latency_s,
             compute_energy_j, radio_energy_j, power_idle_w).
-        flops_by_pixels: {H·W: {"unet_pass_flops", "vae_decoder_flops", "text_encoder_flops"}}.
+        flops_by_pixels: {H·W: {"unet_pass_flops", "vae_decoder_flops", "text_encoder_flops"}}, and
+            optionally "edge_unet_pass_flops" (the edge's pass, e.g. with ToMe; default: unet_pass_flops).
         bandwidth_hz: link bandwidth for the Shannon rate.
         guidance_passes: UNet passes per step (2 with classifier-free guidance).
     """
@@ -92,6 +93,8 @@ class CostModel:
         self.pixels = np.array(sorted(flops_by_pixels), dtype=np.float64)
         rows = [flops_by_pixels[int(p)] for p in self.pixels]
         self.unet = np.array([r["unet_pass_flops"] for r in rows])
+        # the edge's UNet pass (with ToMe when the edge runs it; the device never does)
+        self.edge_unet = np.array([r.get("edge_unet_pass_flops", r["unet_pass_flops"]) for r in rows])
         self.vae = np.array([r["vae_decoder_flops"] for r in rows])
         self.text = np.array([r["text_encoder_flops"] for r in rows])
 
@@ -109,11 +112,10 @@ class CostModel:
         if (idx >= len(self.pixels)).any() or (self.pixels[np.minimum(idx, len(self.pixels) - 1)] != pixels).any():
             bad = sorted(set(pixels.ravel().tolist()) - set(self.pixels.tolist()))
             raise InvalidInputError(f"no cost FLOPs for image sizes {bad} (pixels); have {self.pixels.tolist()}")
-        unet, vae, text = self.unet[idx], self.vae[idx], self.text[idx]
-        denoise = steps * self.guidance_passes * unet
+        unet, edge_unet, vae, text = self.unet[idx], self.edge_unet[idx], self.vae[idx], self.text[idx]
         is_device, is_image = split == 0, split == 2
-        edge_flops = np.where(is_device, 0.0, text + denoise + np.where(is_image, vae, 0.0))
-        device_flops = np.where(is_device, text + denoise + vae, np.where(is_image, 0.0, vae))
+        edge_flops = np.where(is_device, 0.0, text + steps * self.guidance_passes * edge_unet + np.where(is_image, vae, 0.0))
+        device_flops = np.where(is_device, text + steps * self.guidance_passes * unet + vae, np.where(is_image, 0.0, vae))
         bits = crossing_bits(split, pixels, merge_ratio)
         airtime_s = bits / self.rate_bps(snr_db)
 

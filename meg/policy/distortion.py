@@ -63,6 +63,8 @@ class DistortionTable:
         cost_flops: FLOPs of the cost architecture per resolution (see `meg.devices.flops`).
         mse_floor: smallest MSE the reward uses (a bit-exact result has MSE 0 and
             −log 0 is unbounded); half the 8-bit quantisation noise power by default.
+        tome_ratio: ToMe ratio inside the edge UNet of every measured generation.
+        decoder: VAE folder the device decoded the merged split with ("" : the pipeline's own).
     """
 
     model: str
@@ -77,6 +79,8 @@ class DistortionTable:
     flops: dict[str, dict[str, float]] = field(default_factory=dict)
     cost_flops: dict[str, Any] = field(default_factory=dict)
     mse_floor: float = (1.0 / 255.0) ** 2 / 24.0
+    tome_ratio: float = 0.0
+    decoder: str = ""
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -178,6 +182,8 @@ class DistortionTable:
             "points": [p.__dict__ for p in self.points],
             "flops": self.flops,
             "cost_flops": self.cost_flops,
+            "tome_ratio": self.tome_ratio,
+            "decoder": self.decoder,
         }
 
     @classmethod
@@ -193,6 +199,7 @@ class DistortionTable:
                 points=tuple(MeasuredPoint(**p) for p in data["points"]),
                 flops=dict(data.get("flops", {})), cost_flops=dict(data.get("cost_flops", {})),
                 mse_floor=float(data.get("mse_floor", (1.0 / 255.0) ** 2 / 24.0)),
+                tome_ratio=float(data.get("tome_ratio", 0.0)), decoder=str(data.get("decoder", "")),
             )
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"malformed distortion table: {exc!r}") from exc

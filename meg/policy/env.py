@@ -29,62 +29,92 @@ from meg.errors import InvalidInputError
 from meg.policy.costs import SPLIT_CODES, CostModel
 from meg.policy.distortion import DistortionTable, load_table
 
-__all__ = ["OBS_DIM", "EnvConfig", "MegPlanEnv", "PlanSimulator", "PlanSpace", "StepResult", "features"]
+__all__ = ["ENV_PRESETS", "OBS_DIM", "EnvConfig", "MegPlanEnv", "PlanSimulator", "PlanSpace", "StepResult", "features"]
 
 OBS_DIM = 4  # snr_db, previous latency, previous energy, megapixels
 
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """Every default of the environment lives here."""
+    """Every default of the environment lives here; the defaults are the paper's MDP.
 
-    table: str = "meg-tiny"
+    `EnvConfig()` is MEG's constrained MDP as the paper defines it (PAPERS.md §1): SDXL at
+    1024², the decoder split only, steps L ∈ 4…12 and a merge ratio per request, i.i.d.
+    distance U[200, 300] m over an AWGN path-loss channel, token noise σ = 0.1 on the merged
+    features, ToMe at 0.5 inside the edge UNet, reward −log MSE, limits 3 s and 1.8 kJ per
+    request on average over 64-request episodes. `EnvConfig.preset("extended")` switches on
+    this framework's extensions by name (split-point action, two sizes, Rician fading with
+    a drifting distance, σ from the SNR, the MSE offset in the reward).
+    """
+
+    table: str = "meg-tiny-paper"
     """Distortion table: packaged model name or a JSON path."""
-    edge_profile: str = "rtx-3080-ti"
+    edge_profile: str = "a100-sxm4"
     """`meg.devices` profile of the edge server."""
-    device_profile: str = "jetson-agx-orin"
-    """`meg.devices` profile of the user device."""
+    device_profile: str = "meg-paper-ue"
+    """`meg.devices` profile of the user device (paper: half the edge's throughput)."""
     episode_length: int = 64
     """Requests per episode (paper: 64)."""
-    latency_limit_s: float = 5.0
-    """Limit on the episode's average latency per request, seconds."""
-    energy_limit_j: float = 1000.0
-    """Limit on the episode's average energy per request (edge + device), joules."""
-    resolutions: tuple[int, ...] = (512, 768)
-    """Square image sizes requests draw from (uniformly); the table must hold their FLOPs."""
-    splits: tuple[str, ...] = SPLIT_CODES
-    """Split points the policy chooses from."""
+    latency_limit_s: float = 3.0
+    """Limit on the episode's average latency per request, seconds (paper: 3 s)."""
+    energy_limit_j: float = 1800.0
+    """Limit on the episode's average energy per request (edge + device), joules (paper: 1.8 kJ)."""
+    resolutions: tuple[int, ...] = (1024,)
+    """Square image sizes requests draw from (uniformly); the table must hold their FLOPs (paper: 1024)."""
+    splits: tuple[str, ...] = ("decoder",)
+    """Split points the policy chooses from (paper: the decoder split only; extension: all of SPLIT_CODES)."""
     steps: tuple[int, ...] = (4, 5, 6, 7, 8, 9, 10, 11, 12)
-    """Total denoising steps the policy chooses from (paper: 4…12)."""
+    """Total denoising steps the policy chooses from (paper: L = int(8·a0) + 4 ∈ 4…12)."""
     merge_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     """Merge-ratio bins of the discrete head (the continuous head covers [0, max])."""
     max_merge_ratio: float = MAX_MERGE_RATIO
     """Largest token-merge ratio (bipartite matching merges at most 3 of 4 tokens)."""
-    merge_head: Literal["discrete", "continuous"] = "discrete"
-    """How the merge ratio is chosen."""
+    merge_head: Literal["discrete", "continuous"] = "continuous"
+    """How the merge ratio is chosen (paper: continuous, a1 ∈ [0, 1] clipped at the merge's 0.75)."""
     guidance_passes: int = 2
     """UNet passes per step (classifier-free guidance)."""
     distance_min_m: float = 200.0
     """Closest user (paper: d ~ U[200, 300] m)."""
     distance_max_m: float = 300.0
     """Farthest user."""
+    distance_model: Literal["iid", "walk"] = "iid"
+    """"iid": a fresh distance U[min, max] per request (paper); "walk": a reflecting random walk
+    with `distance_step_m` between consecutive requests (extension: users move)."""
     distance_step_m: float = 5.0
-    """Std of the distance drift between consecutive requests (reflecting random walk)."""
-    fading: Literal["awgn", "rayleigh", "rician"] = "rician"
-    """Small-scale fading on top of path loss."""
+    """Std of the distance drift between consecutive requests (distance_model="walk")."""
+    fading: Literal["awgn", "rayleigh", "rician"] = "awgn"
+    """Small-scale fading on top of path loss (paper: none drawn; extension: Rician)."""
     rician_k: float = 3.0
     """Rician K-factor (linear) for fading="rician"."""
     fading_correlation: float = 0.9
     """Correlation of consecutive fading gains (Gauss–Markov ρ)."""
-    reward_mse_offset: float = 1e-3
-    """Reward = −log(MSE + offset) (0: the paper's −log MSE). MSE is of [0, 1] images, so 1e-3
-    is 30 dB PSNR against the reference: closer than that, an image is not visibly better,
-    and −log MSE would still pay up to ~14 nats (MSE → 0 at the reference's own step count)
-    for it, so a constrained policy would starve some requests to make others bit-exact."""
+    reward_mse_offset: float = 0.0
+    """Reward = −log(MSE + offset); 0 is the paper's −log MSE. MSE is of [0, 1] images, so 1e-3
+    (the extension) is 30 dB PSNR against the reference: closer than that, an image is not
+    visibly better, and −log MSE would still pay up to ~14 nats (MSE → 0 at the reference's
+    own step count) for it, so a constrained policy would starve some requests to make others
+    bit-exact."""
+    feature_noise: Literal["fixed", "snr"] = "fixed"
+    """Token noise σ of the analog feature link. "fixed": `feature_sigma` for every request
+    (paper: Gaussian noise of std 0.1 on the transmitted tokens at test; the SNR sets the
+    rate only). "snr" (extension): σ = 10^(−(SNR + feature_gain_db)/20), the noise of an
+    analog link at the received SNR after a processing gain."""
+    feature_sigma: float = 0.1
+    """σ of feature_noise="fixed" (paper: 0.1)."""
     feature_gain_db: float = 15.0
-    """Processing gain of the analog feature link: token noise σ = 10^(−(SNR + gain)/20).
-    15 dB maps the paper's SNR range (+2.2…−4.4 dB) onto σ ≈ 0.14…0.30, inside its
-    training range U(0.05, 0.32)."""
+    """Processing gain of feature_noise="snr": 15 dB maps the paper's SNR range
+    (+2.2…−4.4 dB) onto σ ≈ 0.14…0.30, inside the decoder's training range U(0.05, 0.32)."""
+    edge_tome_ratio: float = 0.5
+    """ToMe ratio inside the edge UNet (paper: 0.5 on all transformer blocks). The distortion
+    table must have been measured at it; the edge's UNet FLOPs are counted with it."""
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> EnvConfig:
+        """A named configuration: "paper" (the defaults) or "extended" (this framework's
+        extensions switched on), with field overrides."""
+        if name not in ENV_PRESETS:
+            raise InvalidInputError(f"unknown environment preset {name!r}; known: {sorted(ENV_PRESETS)}")
+        return cls(**{**ENV_PRESETS[name], **overrides})
 
     def __post_init__(self) -> None:
         if self.episode_length < 1:
@@ -107,6 +137,27 @@ class EnvConfig:
             raise InvalidInputError(f"reward_mse_offset must be >= 0, got {self.reward_mse_offset!r}")
         if not -1.0 <= self.fading_correlation <= 1.0:
             raise InvalidInputError(f"fading_correlation must be in [-1, 1], got {self.fading_correlation!r}")
+        if not (math.isfinite(self.feature_sigma) and self.feature_sigma >= 0.0):
+            raise InvalidInputError(f"feature_sigma must be finite and >= 0, got {self.feature_sigma!r}")
+        if not 0.0 <= self.edge_tome_ratio < MAX_MERGE_RATIO:
+            raise InvalidInputError(f"edge_tome_ratio must be in [0, {MAX_MERGE_RATIO}), got {self.edge_tome_ratio!r}")
+        if self.feature_noise not in ("fixed", "snr"):
+            raise InvalidInputError(f"feature_noise must be 'fixed' or 'snr', got {self.feature_noise!r}")
+        if self.distance_model not in ("iid", "walk"):
+            raise InvalidInputError(f"distance_model must be 'iid' or 'walk', got {self.distance_model!r}")
+
+
+ENV_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "extended": {
+        "table": "meg-tiny", "edge_profile": "rtx-3080-ti", "device_profile": "jetson-agx-orin",
+        "latency_limit_s": 5.0, "energy_limit_j": 1000.0, "resolutions": (512, 768), "splits": SPLIT_CODES,
+        "merge_head": "discrete", "distance_model": "walk", "fading": "rician", "reward_mse_offset": 1e-3,
+        "feature_noise": "snr", "edge_tome_ratio": 0.0,
+    },
+}
+"""Named environments: "paper" is `EnvConfig()`; "extended" is the configuration the shipped
+CVPO checkpoint was trained for (every extension on, ToMe off, the hybrid-SR paper's devices)."""
 
 
 def features(snr_db: np.ndarray, previous_latency_s: np.ndarray, previous_energy_j: np.ndarray,
@@ -210,11 +261,22 @@ class PlanSimulator:
         missing_splits = [s for s in config.splits if s not in self.table.splits]
         if missing_splits:
             raise InvalidInputError(f"distortion table {self.table.model!r} lacks splits {missing_splits}")
+        if not math.isclose(self.table.tome_ratio, config.edge_tome_ratio, abs_tol=1e-9):
+            raise InvalidInputError(
+                f"distortion table {self.table.model!r} was measured with ToMe ratio {self.table.tome_ratio:g} in the edge "
+                f"UNet, the environment asks for edge_tome_ratio {config.edge_tome_ratio:g}")
+        flops = {}
+        for r in config.resolutions:
+            row = dict(by_res[str(r)])
+            if config.edge_tome_ratio > 0:
+                if "unet_pass_flops_tome" not in row:
+                    raise InvalidInputError(f"distortion table {self.table.model!r} has no ToMe FLOPs at {r} px")
+                row["edge_unet_pass_flops"] = row["unet_pass_flops_tome"]
+            flops[r * r] = row
         self.costs = CostModel(
             edge if edge is not None else _load_profile(config.edge_profile),
             device if device is not None else _load_profile(config.device_profile),
-            {r * r: by_res[str(r)] for r in config.resolutions},
-            bandwidth_hz=float(link_budget.bandwidth_hz), guidance_passes=config.guidance_passes)
+            flops, bandwidth_hz=float(link_budget.bandwidth_hz), guidance_passes=config.guidance_passes)
         self.link_budget = link_budget
         k = {"awgn": math.inf, "rayleigh": 0.0, "rician": config.rician_k}[config.fading]
         self.fading = None if math.isinf(k) else GaussMarkovFading(config.fading_correlation, k)
@@ -251,6 +313,13 @@ class PlanSimulator:
 
     def _advance_channel(self) -> None:
         cfg, g = self.config, self.generator
+        if cfg.distance_model == "iid":
+            self.distance_m = cfg.distance_min_m + (cfg.distance_max_m - cfg.distance_min_m) * torch.rand(
+                self.batch, generator=g, dtype=torch.float64)
+            if self.fading is not None:
+                assert self.fading_state is not None
+                self.fading_state = self.fading.step(self.fading_state, generator=g)
+            return
         d = self.distance_m + cfg.distance_step_m * torch.randn(self.batch, generator=g, dtype=torch.float64)
         lo, hi = cfg.distance_min_m, cfg.distance_max_m
         if hi > lo:  # reflect at the edges of the cell
@@ -267,7 +336,9 @@ class PlanSimulator:
 
     # ---- outcomes -----------------------------------------------------------------------
     def noise_sigma(self, snr_db: np.ndarray) -> np.ndarray:
-        """Relative token noise std of the analog feature link at SNR (see EnvConfig.feature_gain_db)."""
+        """Relative token noise std of the analog feature link at SNR (see EnvConfig.feature_noise)."""
+        if self.config.feature_noise == "fixed":
+            return np.full(np.shape(snr_db), self.config.feature_sigma, dtype=np.float64)
         return np.power(10.0, -(np.asarray(snr_db) + self.config.feature_gain_db) / 20.0)
 
     def outcome(self, split: np.ndarray, steps: np.ndarray, merge_ratio: np.ndarray,

@@ -65,11 +65,43 @@ class ProfileConfig:
     """Architecture whose FLOPs the cost model uses (counted on the meta device)."""
     cost_resolutions: tuple[int, ...] = (512, 768, 1024)
     """Square sizes to count cost FLOPs at."""
+    tome_ratio: float = 0.0
+    """ToMe ratio inside the edge UNet for every generation, the reference included (MEG: 0.5);
+    the cost FLOPs then also hold the UNet pass with ToMe."""
+    decoder: str | None = None
+    """VAE folder inside the model's folder whose decoder the device decodes with (the
+    decoder and device splits; e.g. "vae" for the stock decoder, "vae_merge"); the reference
+    and the edge's image then decode with the stock "vae". None: the pipeline's own VAE
+    everywhere."""
 
 
 def _quantise_8bit(image: torch.Tensor) -> torch.Tensor:
     """What an 8-bit RGB image on the wire decodes to."""
     return torch.round(image.clamp(0, 1) * 255.0) / 255.0
+
+
+def _family_vae(model: str, folder: str) -> Any:
+    """The AutoencoderKL in FOLDER of the model's folder (a family name or a local path)."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        from meg.models.registry import model_dir
+
+        root = model_dir(model)
+    path = root / folder
+    if not (path / "config.json").is_file():
+        raise InvalidInputError(f"model {model!r} has no VAE folder {folder!r} (looked in {str(path)!r})", field="decoder")
+    return AutoencoderKL.from_pretrained(path).eval()
+
+
+def _decoded(engine: Any, inputs: Any, tome_ratio: float) -> torch.Tensor:
+    """The unsplit image with ToMe at TOME_RATIO in the edge UNet (the edge's own decoder)."""
+    from meg.split import SplitPoint
+
+    return engine.run_edge(inputs, SplitPoint.parse("image"), tome_ratio=tome_ratio)["image"]
 
 
 def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
@@ -84,7 +116,10 @@ def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
     if not config.prompts:
         raise InvalidInputError("profile needs at least one prompt")
     pipeline = load_pipeline(config.model)
-    engine = SplitEngine(pipeline)
+    device_vae = None
+    if config.decoder is not None:
+        pipeline.vae, device_vae = _family_vae(config.model, "vae"), _family_vae(config.model, config.decoder)
+    engine = SplitEngine(pipeline, device_vae=device_vae)
     merge_axis = config.merge_ratios
     sigma_axis = config.noise_sigmas
     per_prompt = (len(config.splits) - sum(s in MERGED_SPLITS for s in config.splits)
@@ -93,6 +128,8 @@ def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
     done = 0
     samples: dict[tuple[str, int, float, float], list[float]] = {}
     flops: dict[str, dict[str, float]] = {}
+
+    tome = config.tome_ratio
 
     def inputs_for(i: int, prompt: str, steps: int) -> Any:
         return GenerationInputs(prompt=prompt, seed=config.seed + i, height=config.height, width=config.width,
@@ -107,16 +144,16 @@ def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
 
     with torch.inference_mode():
         for i, prompt in enumerate(config.prompts):
-            reference = engine.run_full(inputs_for(i, prompt, config.reference_steps))
+            reference = _decoded(engine, inputs_for(i, prompt, config.reference_steps), tome)
             for steps in config.steps:
                 inputs = inputs_for(i, prompt, steps)
                 for split_name in config.splits:
                     split = SplitPoint.parse(split_name)
                     if i == 0:
-                        pf = partition_flops(engine, split, inputs)
+                        pf = partition_flops(engine, split, inputs, tome_ratio=tome)
                         flops[f"{split_name}@{steps}"] = {"edge_flops": float(pf.edge_flops),
                                                           "device_flops": float(pf.device_flops)}
-                    crossing = engine.run_edge(inputs, split)
+                    crossing = engine.run_edge(inputs, split, tome_ratio=tome) if split_name != "device" else {}
                     if split_name == "image":
                         record((split_name, steps, 0.0, 0.0), _quantise_8bit(crossing["image"]), reference)
                         continue
@@ -140,9 +177,10 @@ def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
         points.append(MeasuredPoint(split_name, steps, ratio, sigma, float(t.mean()),
                                     float(t.std(unbiased=False)) if len(values) > 1 else 0.0))
     cost = {"architecture": config.cost_architecture, "guidance_passes": 2,
-            "by_resolution": {str(r): count_architecture_flops(config.cost_architecture, r, r)  # type: ignore[arg-type]
+            "by_resolution": {str(r): count_architecture_flops(config.cost_architecture, r, r, tome_ratio=tome)  # type: ignore[arg-type]
                               for r in config.cost_resolutions}}
     return DistortionTable(
         model=config.model, height=config.height, width=config.width, reference_steps=config.reference_steps,
         prompts=tuple(config.prompts), steps=tuple(config.steps), merge_ratios=tuple(merge_axis),
-        noise_sigmas=tuple(sigma_axis), points=tuple(points), flops=flops, cost_flops=cost)
+        noise_sigmas=tuple(sigma_axis), points=tuple(points), flops=flops, cost_flops=cost,
+        tome_ratio=float(tome), decoder=config.decoder or "")

@@ -65,9 +65,9 @@ class PPOLagrangianConfig:
     """Integral gain."""
     pid_kd: float = 0.0
     """Derivative gain."""
-    cost_margin: float | tuple[float, float] = (0.15, 0.10)
+    cost_margin: float | tuple[float, float] = 0.0
     """Fraction of each limit kept free (one for both, or (latency, energy)): target per-step
-    cost = (1 − margin) × limit (as CVPO)."""
+    cost = (1 − margin) × limit (as CVPO; 0: the paper's limit itself)."""
     seed: int = 0
     """Seed of networks, exploration and training episodes."""
 

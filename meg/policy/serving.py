@@ -91,10 +91,11 @@ class _Observed:
 class RulePolicy:
     """`meg.policy.rule.RuleAgent` behind the Policy interface (uses the request's limits)."""
 
-    def __init__(self, env_config: EnvConfig = EnvConfig(), *, simulator: PlanSimulator | None = None) -> None:
+    def __init__(self, env_config: EnvConfig | None = None, *, simulator: PlanSimulator | None = None) -> None:
         from meg.policy.rule import RuleAgent
 
-        self.sim = simulator if simulator is not None else PlanSimulator(env_config)
+        # served requests come in every size and may run on any split: the extended environment
+        self.sim = simulator if simulator is not None else PlanSimulator(env_config or EnvConfig.preset("extended"))
         self.agent = RuleAgent()
         self.name = "rule"
 
@@ -141,7 +142,7 @@ class AgentPolicy:
         return plan_proto(SPLIT_CODES[self.space.split[i]], int(self.space.steps[i]), merge, self.name)
 
 
-def rule_policy(env_config: EnvConfig = EnvConfig()) -> RulePolicy:
+def rule_policy(env_config: EnvConfig | None = None) -> RulePolicy:
     return RulePolicy(env_config)
 
 
