@@ -112,7 +112,7 @@ def run_fig3(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
         *((f"few-step ({k})", decoder, k, 0.0, "stock") for k in config.few_steps),
     ]
     pixels = float(sim.config.resolutions[0] ** 2)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for distance in config.distances_m:
         snr = float(MEG_LINK_BUDGET.snr_db(distance))
         for name, split, steps, ratio, table in schemes:
@@ -198,7 +198,7 @@ def run_policies(config: PaperMegConfig = PaperMegConfig(), *, out_dir: Path | N
     from meg.policy.oracle import OracleAgent
 
     env = EnvConfig()
-    runs = [(algo, config.epochs[algo], None) for algo in ("cvpo", "ppo-lagrangian", "ddpg-lagrangian")]
+    runs: list[tuple[str, int, float | None]] = [(algo, config.epochs[algo], None) for algo in ("cvpo", "ppo-lagrangian", "ddpg-lagrangian")]
     runs += [(f"{algo}+margin", config.epochs[algo], config.margin) for algo in ("cvpo", "ppo-lagrangian", "ddpg-lagrangian")]
     runs.append(("unconstrained", config.epochs["ppo-lagrangian"], None))
     agents: dict[str, Any] = {}

@@ -14,7 +14,7 @@ from meg.policy.env import EnvConfig, PlanSimulator
 
 __all__ = ["ALGOS", "LEARNED", "evaluate", "make_agent", "plot_comparison", "plot_curves"]
 
-LEARNED = ("cvpo", "ppo-lagrangian", "unconstrained")
+LEARNED = ("cvpo", "ppo-lagrangian", "ddpg-lagrangian", "unconstrained")
 ALGOS = (*LEARNED, "fixed-meg", "fixed-image", "random", "rule", "oracle")
 
 
@@ -25,12 +25,19 @@ def make_agent(algo: str, checkpoint: str | Path | None = None) -> tuple[Agent, 
             raise InvalidInputError(f"algorithm {algo!r} needs --checkpoint")
         from meg.policy.checkpoint import load_checkpoint
         from meg.policy.cvpo import CVPOAgent
+        from meg.policy.ddpg_lagrangian import DDPGAgent
         from meg.policy.ppo_lagrangian import PPOAgent
 
         ckpt = load_checkpoint(checkpoint)
         if ckpt.algo != algo:
             raise InvalidInputError(f"checkpoint {str(checkpoint)!r} holds {ckpt.algo!r}, not {algo!r}")
-        agent: Agent = CVPOAgent.from_checkpoint(ckpt) if algo == "cvpo" else PPOAgent.from_checkpoint(ckpt)
+        agent: Agent
+        if algo == "cvpo":
+            agent = CVPOAgent.from_checkpoint(ckpt)
+        elif algo == "ddpg-lagrangian":
+            agent = DDPGAgent.from_checkpoint(ckpt)
+        else:
+            agent = PPOAgent.from_checkpoint(ckpt)
         return agent, ckpt.env_config
     if algo.startswith("fixed"):
         from meg.policy.baselines import FIXED_PLANS, FixedPlanAgent

@@ -133,6 +133,11 @@ class AgentPolicy:
         o = _Observed(observation, self.config, self.link_budget)
         x = torch.from_numpy(features(np.array(o.snr_db), np.array(o.previous_latency_s),
                                       np.array(o.previous_energy_j), np.array(o.pixels), self.config))
+        if hasattr(self.agent, "action_map"):  # a deterministic continuous actor (DDPG-Lagrangian)
+            plan, merges = self.agent.action_map(self.actor(x[None]).numpy())
+            i = int(plan[0])
+            return plan_proto(SPLIT_CODES[self.space.split[i]], int(self.space.steps[i]), float(merges[0]), self.name,
+                              tome_ratio=self.config.edge_tome_ratio or MEG_TOME_RATIO)
         logits, mean, _ = self.actor(x[None])
         i = int(logits[0].argmax())
         if self.config.merge_head == "continuous":
@@ -172,6 +177,10 @@ def load_policy(checkpoint: str | Path) -> Policy:
         agent: Any = CVPOAgent.from_checkpoint(ckpt)
     elif ckpt.algo in ("ppo-lagrangian", "unconstrained"):
         agent = PPOAgent.from_checkpoint(ckpt)
+    elif ckpt.algo == "ddpg-lagrangian":
+        from meg.policy.ddpg_lagrangian import DDPGAgent
+
+        agent = DDPGAgent.from_checkpoint(ckpt)
     else:
         raise InvalidInputError(f"checkpoint {str(checkpoint)!r} holds unknown algorithm {ckpt.algo!r}")
     return AgentPolicy(agent, ckpt.env_config, ckpt.algo)
