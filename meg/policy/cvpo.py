@@ -41,6 +41,7 @@ from meg.policy.agents import EpisodeStats, Rollout, rollout
 from meg.policy.checkpoint import Checkpoint, save_checkpoint
 from meg.policy.env import OBS_DIM, EnvConfig, PlanSimulator
 from meg.policy.nets import PlanActor, QCritic, merge_from_u
+from meg.policy.replay import Replay, n_step_returns, soft_update
 
 __all__ = ["CVPOAgent", "CVPOConfig", "DualSolution", "solve_estep_dual", "train_cvpo"]
 
@@ -229,26 +230,6 @@ class CVPOAgent:
 # ---------------------------------------------------------------------------------------
 # Replay of n-step transitions
 # ---------------------------------------------------------------------------------------
-class _Replay:
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self.size, self.pos = capacity, 0, 0
-        self.data: dict[str, np.ndarray] = {}
-
-    def add(self, **arrays: np.ndarray) -> None:
-        n = len(next(iter(arrays.values())))
-        if not self.data:
-            self.data = {k: np.zeros((self.capacity, *v.shape[1:]), dtype=np.float32) for k, v in arrays.items()}
-        idx = (self.pos + np.arange(n)) % self.capacity
-        for k, v in arrays.items():
-            self.data[k][idx] = v
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
-        idx = torch.randint(self.size, (batch,), generator=generator).numpy()
-        return {k: torch.from_numpy(v[idx]) for k, v in self.data.items()}
-
-
 def _n_step(ro: Rollout, sim: PlanSimulator, cfg: CVPOConfig) -> dict[str, np.ndarray]:
     """n-step returns of reward and normalised costs; episode ends are truncations (bootstrap)."""
     env = sim.config
@@ -257,15 +238,7 @@ def _n_step(ro: Rollout, sim: PlanSimulator, cfg: CVPOConfig) -> dict[str, np.nd
     costs = np.minimum(np.stack([ro.latency_s / env.latency_limit_s, ro.energy_j / env.energy_limit_j], -1),
                        cfg.cost_clip)
     signals = np.concatenate([ro.reward[..., None], costs], -1)
-    t_len = signals.shape[0]
-    ret = np.zeros_like(signals)
-    disc = np.zeros(signals.shape[:2])
-    next_obs = np.zeros_like(ro.next_obs)
-    for t in range(t_len):
-        m = min(cfg.n_step, t_len - t)
-        ret[t] = sum(cfg.gamma**k * signals[t + k] for k in range(m))
-        disc[t] = cfg.gamma**m
-        next_obs[t] = ro.next_obs[t + m - 1]
+    ret, disc, next_obs = n_step_returns(signals, ro.next_obs, n_step=cfg.n_step, gamma=cfg.gamma)
     flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
     return {"feats": flat(sim.features(ro.obs)), "plan": flat(ro.plan.astype(np.float32)),
             "merge": flat(ro.merge_ratio), "ret": flat(ret), "disc": flat(disc),
@@ -321,7 +294,7 @@ def _train(env_config: EnvConfig, config: CVPOConfig, simulator: PlanSimulator |
     critic_opt = torch.optim.Adam(agent.critic.parameters(), lr=config.critic_lr)
     agent.log_alpha.requires_grad_(True)
     alpha_opt = torch.optim.Adam([agent.log_alpha], lr=config.mstep_dual_lr)
-    replay = _Replay(config.replay_size)
+    replay = Replay(config.replay_size)
     merges = torch.from_numpy(space.merges)
     budgets = (1.0 - np.broadcast_to(np.asarray(config.cost_margin, dtype=np.float64), (2,))) / (1.0 - config.gamma)
     kl_bounds = torch.tensor([config.kl_categorical, config.kl_mean, config.kl_std])
@@ -397,8 +370,7 @@ def _train(env_config: EnvConfig, config: CVPOConfig, simulator: PlanSimulator |
             alpha_opt.step()
             with torch.no_grad():
                 agent.log_alpha.clamp_(-10.0, 10.0)
-                for p, tp in zip(agent.critic.parameters(), target.parameters(), strict=True):
-                    tp.mul_(1.0 - config.tau).add_(p, alpha=config.tau)
+            soft_update(target, agent.critic, config.tau)
         row = _epoch_row(epoch, stats, agent, float(critic_loss.detach()), kls.detach(), time.perf_counter() - start)
         history.append(row)
         if on_epoch is not None:

@@ -37,6 +37,7 @@ from meg.policy.checkpoint import Checkpoint, save_checkpoint
 from meg.policy.costs import SPLIT_CODES
 from meg.policy.env import OBS_DIM, EnvConfig, PlanSimulator, PlanSpace
 from meg.policy.nets import MLP
+from meg.policy.replay import Replay, n_step_returns, soft_update
 
 __all__ = ["ActionMap", "DDPGAgent", "DDPGLagrangianConfig", "exploration_std", "train_ddpg_lagrangian",
            "update_lambdas"]
@@ -273,48 +274,16 @@ def update_lambdas(lambdas: np.ndarray, episode_cost_ratio: np.ndarray, config: 
 # ---------------------------------------------------------------------------------------
 # Replay of n-step transitions
 # ---------------------------------------------------------------------------------------
-class _Replay:
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self.size, self.pos = capacity, 0, 0
-        self.data: dict[str, np.ndarray] = {}
-
-    def add(self, **arrays: np.ndarray) -> None:
-        n = len(next(iter(arrays.values())))
-        if not self.data:
-            self.data = {k: np.zeros((self.capacity, *v.shape[1:]), dtype=np.float32) for k, v in arrays.items()}
-        idx = (self.pos + np.arange(n)) % self.capacity
-        for k, v in arrays.items():
-            self.data[k][idx] = v
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
-        idx = torch.randint(self.size, (batch,), generator=generator).numpy()
-        return {k: torch.from_numpy(v[idx]) for k, v in self.data.items()}
-
-
 def _n_step(feats: np.ndarray, action: np.ndarray, signals: np.ndarray, next_feats: np.ndarray,
             config: DDPGLagrangianConfig) -> dict[str, np.ndarray]:
     """Flat n-step transitions from [T, B, ...] arrays; episode ends are truncations (bootstrap).
 
     signals [T, B, 3]: reward and the two normalised costs of each step.
     """
-    t_len = signals.shape[0]
-    ret, disc, boot = np.zeros_like(signals), np.zeros(signals.shape[:2]), np.zeros_like(next_feats)
-    for t in range(t_len):
-        m = min(config.n_step, t_len - t)
-        ret[t] = sum(config.gamma**k * signals[t + k] for k in range(m))
-        disc[t] = config.gamma**m
-        boot[t] = next_feats[t + m - 1]
+    ret, disc, boot = n_step_returns(signals, next_feats, n_step=config.n_step, gamma=config.gamma)
     flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
     return {"feats": flat(feats), "action": flat(action), "ret": flat(ret), "disc": flat(disc),
             "next_feats": flat(boot)}
-
-
-def _soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        for tp, p in zip(target.parameters(), source.parameters(), strict=True):
-            tp.mul_(1.0 - tau).add_(p, alpha=tau)
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,7 +311,7 @@ def train_ddpg_lagrangian(env_config: EnvConfig = EnvConfig(),
         p.requires_grad_(False)
     actor_opt = torch.optim.Adam(agent.actor.parameters(), lr=config.actor_lr)
     critic_opt = torch.optim.Adam(agent.critic.parameters(), lr=config.critic_lr)
-    replay = _Replay(config.replay_size)
+    replay = Replay(config.replay_size)
     gen = torch.Generator().manual_seed(config.seed)
     limits = np.array([env.latency_limit_s, env.energy_limit_j])
     history: list[dict[str, float]] = []
@@ -395,8 +364,8 @@ def train_ddpg_lagrangian(env_config: EnvConfig = EnvConfig(),
             actor_opt.zero_grad()
             actor_loss.backward()  # the critics' gradients from here are cleared before their next step
             actor_opt.step()
-            _soft_update(target_critic, agent.critic, config.tau)
-            _soft_update(target_actor, agent.actor, config.tau)
+            soft_update(target_critic, agent.critic, config.tau)
+            soft_update(target_actor, agent.actor, config.tau)
         agent.noise_std = noise_std
         stats = EpisodeStats(np.stack(sig_l)[..., 0].mean(0), np.stack(mse_l).mean(0), costs[..., 0].mean(0),
                              costs[..., 1].mean(0), env.latency_limit_s, env.energy_limit_j)
