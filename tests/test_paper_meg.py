@@ -157,3 +157,30 @@ def test_fig3_headline_and_fig5_curves_from_the_packaged_tables() -> None:
         expected = table.mse("decoder", np.array(8.0), np.array(0.5), np.array(0.1))
         i = curve["merge_ratio"]["x"].index(0.5)
         assert curve["merge_ratio"]["mse"][i] == pytest.approx(float(expected))
+
+
+def test_the_plan_chooses_the_better_decoder() -> None:
+    alone = PlanSimulator(EnvConfig())
+    both = PlanSimulator(EnvConfig(decoder_tables=("meg-tiny-paper-stock",)))
+    stock = load_table("meg-tiny-paper-stock")
+    steps = np.array([4.0, 8.0, 12.0, 12.0])
+    merge = np.array([0.5, 0.25, 0.0, 0.75])
+    for sim in (alone, both):
+        sim.reset(len(steps), seed=0)
+    split = np.full(len(steps), SPLIT_CODES.index("decoder"))
+    _, _, _, mse_alone = alone.outcome(split, steps, merge)
+    _, lat_both, _, mse_both = both.outcome(split, steps, merge)
+    mse_stock = stock.mse("decoder", steps, merge, np.full(len(steps), 0.1))
+    np.testing.assert_allclose(mse_both, np.minimum(mse_alone, mse_stock), rtol=1e-12)
+    np.testing.assert_array_equal(lat_both, alone.outcome(split, steps, merge)[1])  # same costs
+    with pytest.raises(InvalidInputError, match="ToMe 0"):
+        PlanSimulator(EnvConfig(decoder_tables=("meg-tiny",)))
+
+
+def test_margin_variants_train_with_the_margin_and_the_paper_defaults_without() -> None:
+    from meg.bench.paper_meg import _train
+
+    agent, history, seconds = _train("ppo-lagrangian+margin", 1, 0, _margin=0.05)
+    assert agent.config.cost_margin == 0.05 and len(history) == 1 and seconds > 0
+    plain, _, _ = _train("ppo-lagrangian", 1, 0)
+    assert plain.config.cost_margin == 0.0 and plain.config.gamma == 0.97

@@ -46,10 +46,11 @@ DECODER_TABLES: dict[str, str] = {
     "stock": "meg-tiny-paper-stock",
 }
 """Device decoder → packaged distortion table measured with it (ToMe 0.5 in the edge UNet,
-12 held-out prompts, 128 px). "merge-aware": the family's decoder, distilled as the paper
-does (`meg train decoder-paper`); "clean target": the same architecture trained against the
-stock decoder's image of the clean latent (the family's previous decoder); "noise-tuned":
-`decoder-paper --ratio-high 0` (channel noise, no merging); "stock": the VAE's own decoder."""
+12 held-out prompts, 128 px). "merge-aware": `vae_merge_paper`, distilled as the paper does
+(`meg train decoder-paper`: the L-step latent against the 12-step reference image);
+"clean target": `vae_merge`, trained against the stock decoder's image of the same clean
+latent (what the device serves with by default); "noise-tuned": `decoder-paper
+--ratio-high 0 --out vae_noise` (channel noise, no merging; not shipped); "stock": `vae`."""
 
 PARTS = ("fig3", "fig5", "policies", "tradeoff", "tome")
 
@@ -120,6 +121,11 @@ def run_fig3(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
             split_name = SPLIT_CODES[split]
             mse = float(tables[table].mse(split_name, np.array(float(steps)), np.array(ratio),
                                           np.array(sigma if split_name == "decoder" else 0.0)))
+            if name == "MEG":  # the plan may also choose the stock decoder (same costs)
+                per_plan = min(mse, float(tables["stock"].mse(split_name, np.array(float(steps)), np.array(ratio), np.array(sigma))))
+                rows.append({"scheme": "MEG, decoder per plan", "distance_m": distance, "snr_db": snr, "steps": steps,
+                             "merge_ratio": ratio, "decoder": "merge-aware or stock", "latency_s": float(c.latency_s),
+                             "energy_j": float(c.energy_j), "airtime_s": float(c.airtime_s), "mse": per_plan})
             rows.append({"scheme": name, "distance_m": distance, "snr_db": snr, "steps": steps, "merge_ratio": ratio,
                          "decoder": table, "latency_s": float(c.latency_s), "energy_j": float(c.energy_j),
                          "airtime_s": float(c.airtime_s), "mse": mse})
@@ -154,7 +160,16 @@ def run_fig5(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
             "merge_ratio": {"x": ratios.tolist(), "mse": mse(np.full_like(ratios, config.steps), ratios, np.full_like(ratios, sigma))},
             "sigma": {"x": sigmas.tolist(), "mse": mse(np.full_like(sigmas, config.steps), np.full_like(sigmas, config.merge_ratio), sigmas)},
             "steps": {"x": steps.tolist(), "mse": mse(steps, np.full_like(steps, config.merge_ratio), np.full_like(steps, sigma))},
+            # the whole (steps × merge ratio) grid at the paper's test noise
+            "grid": {"steps": steps.tolist(), "merge_ratio": ratios.tolist(),
+                     "mse": [mse(np.full_like(ratios, n), ratios, np.full_like(ratios, sigma)) for n in steps]},
         }
+    # which decoder is best at each grid point (σ fixed)
+    labels = list(out["curves"])
+    first = out["curves"][labels[0]]["grid"]
+    out["best"] = {"steps": first["steps"], "merge_ratio": first["merge_ratio"], "decoder": [
+        [labels[int(np.argmin([out["curves"][k]["grid"]["mse"][i][j] for k in labels]))] for j in range(len(first["merge_ratio"]))]
+        for i in range(len(first["steps"]))]}
     return out
 
 
@@ -258,7 +273,7 @@ def run_tome(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
         "unet_pass_flops": sdxl["unet_pass_flops"], "unet_pass_flops_tome": sdxl["unet_pass_flops_tome"],
         "flops_saving": 1.0 - sdxl["unet_pass_flops_tome"] / sdxl["unet_pass_flops"]}, "meg_tiny": []}
     image = SplitPoint.parse("image")
-    for side in (128, 256):
+    for side in (128, 256, 512):
         inputs = GenerationInputs(prompt=prompts[0], seed=0, height=side, width=side, steps=config.steps, guidance_scale=2.5)
         flops = {r: float(partition_flops(engine, image, inputs, tome_ratio=r).edge_flops) for r in (0.0, ratio)}
         # wall time of the edge's UNet over `steps` steps, interleaved so drift hits both alike
@@ -314,9 +329,10 @@ def plot_fig3(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("distance (m)")
         ax.set_ylabel(label)
         ax.set_yscale("log")
-        snr = {r["distance_m"]: r["snr_db"] for r in rows}
-        top = ax.secondary_xaxis("top", functions=(lambda d, s=snr: np.interp(d, list(s), list(s.values())),
-                                                   lambda v, s=snr: np.interp(v, list(s.values())[::-1], list(s)[::-1])))
+        # path loss falls 37.6 dB per decade of distance (PAPERS.md §1): exact both ways
+        d0, s0 = rows[0]["distance_m"], rows[0]["snr_db"]
+        top = ax.secondary_xaxis("top", functions=(lambda d, d0=d0, s0=s0: s0 - 37.6 * np.log10(np.maximum(d, 1e-9) / d0),
+                                                   lambda v, d0=d0, s0=s0: d0 * 10 ** ((s0 - v) / 37.6)))
         top.set_xlabel("SNR (dB)")
     axes[0].legend(fontsize=7)
     fig.suptitle("MEG's Fig. 3 analogue — costs at SDXL 1024² scale (modelled), MSE measured on meg-tiny 128 px")
@@ -400,6 +416,14 @@ def _print(results: dict[str, Any]) -> None:
         for label, c in results["fig5"]["curves"].items():
             t.add_row(label, *(f"{v:.2e}" for v in c["merge_ratio"]["mse"]))
         console.print(t)
+        best = results["fig5"]["best"]
+        t = Table(title=f"Best device decoder per (steps, merge ratio) at σ = {results['fig5']['sigma']:g} (meg-tiny MSE)")
+        t.add_column("steps")
+        for x in best["merge_ratio"]:
+            t.add_column(f"r={x:g}")
+        for n, row in zip(best["steps"], best["decoder"], strict=True):
+            t.add_row(f"{n:g}", *row)
+        console.print(t)
     if "policies" in results:
         env = results["policies"]["env"]
         t = Table(title=f"Planners, {results['config']['episodes']} held-out episodes; limits {env['latency_limit_s']:g} s, "
@@ -423,7 +447,7 @@ def _print(results: dict[str, Any]) -> None:
         console.print(f"ToMe {tome['ratio']:g} at SDXL-1024: UNet pass {tome['sdxl_1024']['flops_saving']:.1%} fewer FLOPs")
         for r in tome["meg_tiny"]:
             line = (f"meg-tiny {r['side_px']} px: edge FLOPs {r['flops_saving']:+.1%} saved, CPU time "
-                    f"{r['edge_s_median'] * 1e3:.0f} -> {r['edge_s_tome_median'] * 1e3:.0f} ms ({r['time_saving']:+.1%})")
+                    f"{r['edge_s_median'] * 1e3:.0f} -> {r['edge_s_tome_median'] * 1e3:.0f} ms ({r['time_saving']:+.1%} saved)")
             if "mse_tome_vs_plain" in r:
                 line += (f"; MSE ToMe vs none {r['mse_tome_vs_plain']:.2e}, vs reference {r['mse_vs_reference_plain']:.2e}"
                          f" -> {r['mse_vs_reference_tome']:.2e}")

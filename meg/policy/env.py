@@ -27,7 +27,7 @@ import torch
 from meg.codecs.merge import MAX_MERGE_RATIO
 from meg.errors import InvalidInputError
 from meg.policy.costs import SPLIT_CODES, CostModel
-from meg.policy.distortion import DistortionTable, load_table
+from meg.policy.distortion import MERGED_SPLITS, DistortionTable, load_table
 
 __all__ = ["ENV_PRESETS", "OBS_DIM", "EnvConfig", "MegPlanEnv", "PlanSimulator", "PlanSpace", "StepResult", "features"]
 
@@ -49,6 +49,11 @@ class EnvConfig:
 
     table: str = "meg-tiny-paper"
     """Distortion table: packaged model name or a JSON path."""
+    decoder_tables: tuple[str, ...] = ()
+    """Further distortion tables, each measured with another device decoder (e.g.
+    "meg-tiny-paper-stock"): a merged-split request is then decoded by whichever decoder the
+    tables say is best at its steps, merge ratio and σ (the plan chooses the decoder; the
+    device knows all three). Empty: the one decoder of `table`."""
     edge_profile: str = "a100-sxm4"
     """`meg.devices` profile of the edge server."""
     device_profile: str = "meg-paper-ue"
@@ -253,6 +258,13 @@ class PlanSimulator:
             link_budget = MEG_LINK_BUDGET
         self.config = config
         self.table = table if table is not None else load_table(config.table)
+        self.decoder_tables = tuple(load_table(name) for name in config.decoder_tables)
+        for other in self.decoder_tables:
+            if other.tome_ratio != self.table.tome_ratio or other.reference_steps != self.table.reference_steps:
+                raise InvalidInputError(
+                    f"decoder table {other.model!r} ({other.decoder!r}) was measured with ToMe {other.tome_ratio:g} and a "
+                    f"{other.reference_steps}-step reference; the main table with ToMe {self.table.tome_ratio:g} and "
+                    f"{self.table.reference_steps} steps")
         by_res = self.table.cost_flops.get("by_resolution", {})
         missing = [r for r in config.resolutions if str(r) not in by_res]
         if missing:
@@ -363,6 +375,9 @@ class PlanSimulator:
             mask = split_b == code
             if mask.any():
                 log_mse[mask] = self.table.log_mse(name, steps_b[mask], merge_b[mask], sigma_b[mask])
+                if name in MERGED_SPLITS:
+                    for other in self.decoder_tables:
+                        log_mse[mask] = np.minimum(log_mse[mask], other.log_mse(name, steps_b[mask], merge_b[mask], sigma_b[mask]))
         mse = np.exp(log_mse)
         reward = -np.log(mse + self.config.reward_mse_offset) if self.config.reward_mse_offset > 0 else -log_mse
         return reward, costs.latency_s, costs.energy_j, mse
