@@ -184,3 +184,42 @@ def test_margin_variants_train_with_the_margin_and_the_paper_defaults_without() 
     assert agent.config.cost_margin == 0.05 and len(history) == 1 and seconds > 0
     plain, _, _ = _train("ppo-lagrangian", 1, 0)
     assert plain.config.cost_margin == 0.0 and plain.config.gamma == 0.97
+
+
+def test_the_device_decodes_with_the_decoder_it_is_given(tmp_path: Path) -> None:
+    """Through the real services: the paper-distilled decoder on the device gives exactly the
+    image the split engine gives with that decoder, and not the default decoder's image."""
+    import meg.models  # noqa: F401
+    from meg.models.registry import load_vae
+    from meg.recipes.plan import make_plan
+    from meg.services.background import ServiceLoop, start_edge
+    from meg.services.client import ClientConfig, DeviceClient, DeviceRequest
+    from meg.services.edge import EdgeConfig
+    from meg.split import GenerationInputs, SplitEngine, SplitPoint, load_pipeline
+
+    pipeline = load_pipeline("meg-tiny")
+    plan = make_plan("decoder", steps=2, merge_ratio=0.5, codec_chain="fp16", tome_ratio=0.5)
+    request = DeviceRequest(prompt="a red circle on the left", seed=3, width=128, height=128, plan=plan)
+    images = {}
+    loop = ServiceLoop()
+    edge = start_edge(EdgeConfig(model="meg-tiny", port=0), pipeline=pipeline, loop=loop)
+    try:
+        for decoder in (None, "vae_merge_paper"):
+            config = ClientConfig(model="meg-tiny", runtime="torch", fallback=False, device_decoder=decoder,
+                                  onnx_dir=tmp_path / "onnx")
+            with DeviceClient(edge.address, config) as client:
+                images[decoder] = client.generate(request).image
+    finally:
+        edge.stop(0)
+        loop.close()
+    engine = SplitEngine(load_pipeline("meg-tiny"), device_vae=load_vae("meg-tiny", "vae_merge_paper"))
+    inputs = GenerationInputs(prompt="a red circle on the left", seed=3, height=128, width=128, steps=2, guidance_scale=2.5)
+    crossing = engine.run_edge(inputs, SplitPoint.parse("decoder"), tome_ratio=0.5)
+    from meg.split.features import through_link
+
+    received = through_link(crossing["latents"], "merge:0.5,fp16", None, seed=3, keep_merged=True)
+    expected = engine.run_device({"latents": received}, inputs, SplitPoint.parse("decoder"))
+    assert float((images["vae_merge_paper"] - expected).abs().max()) < 1e-4
+    assert float((images[None] - images["vae_merge_paper"]).abs().max()) > 1e-3
+    with pytest.raises(InvalidInputError, match="vae_nope"):
+        load_vae("meg-tiny", "vae_nope")

@@ -41,6 +41,20 @@ def model_dir(name: str = "meg-tiny") -> Path:
     return folder
 
 
+def load_vae(model: str, folder: str, *, torch_dtype: torch.dtype = torch.float32):  # -> AutoencoderKL
+    """The AutoencoderKL in FOLDER ("vae", "vae_merge", "vae_merge_paper", …) of a family
+    name or of any diffusers model folder; InvalidInputError naming it if absent."""
+    from diffusers import AutoencoderKL
+
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        root = model_dir(model)
+    path = root / folder
+    if not (path / "config.json").is_file():
+        raise InvalidInputError(f"model {model!r} has no VAE folder {folder!r} (looked in {str(path)!r})", field="decoder")
+    return AutoencoderKL.from_pretrained(path, torch_dtype=torch_dtype).eval()
+
+
 def _training(name: str) -> dict:
     """The family's training.json (configs, stage records, tuned settings); {} if absent."""
     path = model_dir(name) / "training.json"

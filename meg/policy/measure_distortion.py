@@ -80,23 +80,6 @@ def _quantise_8bit(image: torch.Tensor) -> torch.Tensor:
     return torch.round(image.clamp(0, 1) * 255.0) / 255.0
 
 
-def _family_vae(model: str, folder: str) -> Any:
-    """The AutoencoderKL in FOLDER of the model's folder (a family name or a local path)."""
-    from pathlib import Path
-
-    from diffusers import AutoencoderKL
-
-    root = Path(model).expanduser()
-    if not root.is_dir():
-        from meg.models.registry import model_dir
-
-        root = model_dir(model)
-    path = root / folder
-    if not (path / "config.json").is_file():
-        raise InvalidInputError(f"model {model!r} has no VAE folder {folder!r} (looked in {str(path)!r})", field="decoder")
-    return AutoencoderKL.from_pretrained(path).eval()
-
-
 def _decoded(engine: Any, inputs: Any, tome_ratio: float) -> torch.Tensor:
     """The unsplit image with ToMe at TOME_RATIO in the edge UNet (the edge's own decoder)."""
     from meg.split import SplitPoint
@@ -118,7 +101,9 @@ def profile_distortion(config: ProfileConfig = ProfileConfig(), *,
     pipeline = load_pipeline(config.model)
     device_vae = None
     if config.decoder is not None:
-        pipeline.vae, device_vae = _family_vae(config.model, "vae"), _family_vae(config.model, config.decoder)
+        from meg.models.registry import load_vae
+
+        pipeline.vae, device_vae = load_vae(config.model, "vae"), load_vae(config.model, config.decoder)
     engine = SplitEngine(pipeline, device_vae=device_vae)
     merge_axis = config.merge_ratios
     sigma_axis = config.noise_sigmas

@@ -82,6 +82,8 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
 @click.option("--foreground-fraction", type=float, default=None,
               help="Hybrid SR: fraction of cells upscaled by diffusion SR on the edge (default 0.25); needs --sr-scale.")
 @click.option("--light-sr", default=None, help="Hybrid SR: the device's light SR model (family, folder or Real-ESRGAN .pth).")
+@click.option("--device-decoder", default=None,
+              help="VAE folder of the model the device decodes with (vae_merge_paper: MEG's paper distillation; vae: stock).")
 @click.option("--sr-model", default=None, help="Hybrid SR: diffusion SR model for the --reference run.")
 @click.option("--split", default=None,
               help="Force a plan with this split (device, step:K, decoder, image, unet:B); default: the policy decides.")
@@ -104,7 +106,7 @@ def serve_policy_command(host: str, port: int, token: str | None, tls_cert: Path
               show_default=True, help="Folder for image.png and report.json.")
 def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: int, width: int | None, height: int | None,
              device_profile: str, mode: str, recipe: str, target_size: int | None, sr_scale: str | None,
-             foreground_fraction: float | None, light_sr: str | None, sr_model: str | None, snr_db: float | None, distance_m: float | None, bandwidth_hz: float | None,
+             foreground_fraction: float | None, light_sr: str | None, device_decoder: str | None, sr_model: str | None, snr_db: float | None, distance_m: float | None, bandwidth_hz: float | None,
              rate_bps: float | None, fading: str, split: str | None, steps: int | None, merge_ratio: float | None,
              codec: str | None, tome_ratio: float | None, latency_limit_s: float, energy_limit_j: float, runtime: str,
              model: str, token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
@@ -152,7 +154,7 @@ def generate(edges: tuple[str, ...], prompt: str, negative_prompt: str, seed: in
                             **sizes)
     config = ClientConfig(deadline_s=deadline_s, token=token, runtime=runtime,  # type: ignore[arg-type]
                           tls=tls_config(tls_cert, tls_key, tls_ca, tls_server_name), model=model,
-                          fallback=not no_fallback, light_sr=light_sr, sr_model=sr_model)
+                          fallback=not no_fallback, light_sr=light_sr, sr_model=sr_model, device_decoder=device_decoder)
     tune_malloc()  # this process receives 1 MiB messages: reuse their freed buffers
     with DeviceClient(list(edges), config) as client:
         result = client.generate(request, reference=reference)

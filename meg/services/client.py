@@ -109,6 +109,10 @@ class ClientConfig:
     light_sr: str | None = None
     """Hybrid SR: the device's light SR model — a family name or folder, or a Real-ESRGAN
     SRVGGNetCompact weights file; default: the `model`'s family."""
+    device_decoder: str | None = None
+    """VAE folder of the `model` the device decodes with (e.g. "vae_merge_paper", the decoder
+    distilled as MEG's paper does, or "vae", the stock one); default: the pipeline's (for
+    meg-tiny, the merge-aware `vae_merge`)."""
 
 
 @dataclass(frozen=True)
@@ -449,7 +453,12 @@ class DeviceClient:
                     from meg.split.loading import load_pipeline
 
                     pipeline = load_pipeline(self.config.model)
-                self._context = DeviceContext(engine=SplitEngine(pipeline), runtime=self._runtime,
+                device_vae = None
+                if self.config.device_decoder:
+                    from meg.models.registry import load_vae
+
+                    device_vae = load_vae(self.config.model, self.config.device_decoder)
+                self._context = DeviceContext(engine=SplitEngine(pipeline, device_vae=device_vae), runtime=self._runtime,
                                               device_profile=None, config=self.config)
         # one engine and runtime cache for every request; the profile is the request's
         return DeviceContext(engine=self._context.engine, runtime=self._runtime, device_profile=device_profile,
@@ -472,7 +481,8 @@ class DeviceClient:
                     from meg.split.onnx_export import ExportOptions, export_device_partitions
                     from meg.split.runtime import OnnxRuntime
 
-                    out_dir = Path(self.config.onnx_dir) / f"{height}x{width}"
+                    decoder = f"-{self.config.device_decoder}" if self.config.device_decoder else ""
+                    out_dir = Path(self.config.onnx_dir) / f"{height}x{width}{decoder}"
                     export_device_partitions(engine.pipeline, out_dir=out_dir, height=height, width=width,
                                              parts=parts, unet=engine.device_unet, vae=engine.device_vae,
                                              options=ExportOptions(exporter=self.config.onnx_exporter))
