@@ -57,7 +57,7 @@ PARTS = ("fig3", "fig5", "policies", "tradeoff", "tome")
 
 @dataclass(frozen=True)
 class PaperMegConfig:
-    """What `meg bench paper-meg` runs (defaults: the full reproduction, ~25 min on 2 cores)."""
+    """What `meg bench paper-meg` runs (defaults: the full reproduction, ~23 min on 2 cores)."""
 
     distances_m: tuple[float, ...] = tuple(float(d) for d in np.linspace(200.0, 300.0, 11))
     """Distances of fig3 (paper: 200–300 m)."""
