@@ -159,6 +159,22 @@ def test_fig3_headline_and_fig5_curves_from_the_packaged_tables() -> None:
         assert curve["merge_ratio"]["mse"][i] == pytest.approx(float(expected))
 
 
+def test_a_policy_with_decoder_tables_puts_the_best_decoder_in_the_plan() -> None:
+    from meg.policy.serving import RulePolicy
+    from meg.v1 import generation_pb2, policy_service_pb2
+
+    sim = PlanSimulator(EnvConfig(decoder_tables=("meg-tiny-paper-stock",)))
+    # few steps: the paper's distillation wins; 12 steps without merging: stock wins
+    assert sim.best_decoder(4, 0.5, 0.0) == "vae_merge_paper" and sim.best_decoder(12, 0.0, 0.0) == "vae"
+    policy = RulePolicy(simulator=sim)
+    plan = policy.decide(policy_service_pb2.Observation(channel=generation_pb2.ChannelState(snr_db=2.0), width=1024, height=1024))
+    from meg.recipes.meg import DEVICE_DECODERS
+
+    assert plan.params["decoder"] == DEVICE_DECODERS.index(sim.best_decoder(plan.steps, plan.merge_ratio, 2.0))
+    one = RulePolicy(simulator=PlanSimulator(EnvConfig()))
+    assert "decoder" not in one.decide(policy_service_pb2.Observation(channel=generation_pb2.ChannelState(snr_db=2.0))).params
+
+
 def test_the_plan_chooses_the_better_decoder() -> None:
     alone = PlanSimulator(EnvConfig())
     both = PlanSimulator(EnvConfig(decoder_tables=("meg-tiny-paper-stock",)))
@@ -209,6 +225,17 @@ def test_the_device_decodes_with_the_decoder_it_is_given(tmp_path: Path) -> None
                                   onnx_dir=tmp_path / "onnx")
             with DeviceClient(edge.address, config) as client:
                 images[decoder] = client.generate(request).image
+        # the plan chooses the decoder per request (DEVICE_DECODERS index 3: the paper's), eager runtime too
+        chosen = make_plan("decoder", steps=2, merge_ratio=0.5, codec_chain="fp16", tome_ratio=0.5, params={"decoder": 3.0})
+        for runtime in ("eager", "torch"):
+            with DeviceClient(edge.address, ClientConfig(model="meg-tiny", runtime=runtime, fallback=False)) as client:
+                result = client.generate(dataclasses.replace(request, plan=chosen))
+                assert torch.equal(result.image, images["vae_merge_paper"]) or float(
+                    (result.image - images["vae_merge_paper"]).abs().max()) < 1e-5
+                assert result.report.plan["params"] == {"decoder": 3.0}
+        with (DeviceClient(edge.address, ClientConfig(model="meg-tiny", runtime="eager", fallback=False)) as client,
+              pytest.raises(InvalidInputError, match="decoder 7.0 is not one of 0..3")):
+            client.generate(dataclasses.replace(request, plan=dataclasses.replace(chosen, params={"decoder": 7.0})))
     finally:
         edge.stop(0)
         loop.close()

@@ -382,6 +382,14 @@ class PlanSimulator:
         reward = -np.log(mse + self.config.reward_mse_offset) if self.config.reward_mse_offset > 0 else -log_mse
         return reward, costs.latency_s, costs.energy_j, mse
 
+    def best_decoder(self, steps: float, merge_ratio: float, snr_db: float) -> str:
+        """VAE folder of the device decoder with the lowest tabulated MSE for a merged-split
+        plan at SNR (the table's `decoder`; "" where the table does not name one)."""
+        sigma = self.noise_sigma(np.array([snr_db]))
+        tables = (self.table, *self.decoder_tables)
+        values = [float(t.log_mse("decoder", np.array([float(steps)]), np.array([float(merge_ratio)]), sigma)[0]) for t in tables]
+        return tables[int(np.argmin(values))].decoder
+
     def step(self, split: np.ndarray, steps: np.ndarray, merge_ratio: np.ndarray) -> StepResult:
         """Serve the current request of every episode with the given plans ([B] arrays)."""
         reward, latency_s, energy_j, mse = self.outcome(split, steps, merge_ratio)

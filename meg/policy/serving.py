@@ -32,14 +32,25 @@ class Policy(Protocol):
 
 
 def plan_proto(split: str, steps: int, merge_ratio: float, policy: str, *,
-               tome_ratio: float = MEG_TOME_RATIO) -> generation_pb2.Plan:
+               tome_ratio: float = MEG_TOME_RATIO, decoder: str = "") -> generation_pb2.Plan:
     """The wire plan of a planner's choice: the decoder split merges the latent at
     ``merge_ratio`` (the chain's merge stage); the edge UNet runs ToMe at ``tome_ratio``
-    whenever the edge denoises (MEG: 0.5)."""
+    whenever the edge denoises (MEG: 0.5); ``decoder`` (a VAE folder, `DEVICE_DECODERS`)
+    is the device decoder the plan chose ("": the device's own)."""
+    from meg.recipes.meg import DEVICE_DECODERS
+
     merge = float(merge_ratio) if split == "decoder" else 0.0
+    params = {"decoder": float(DEVICE_DECODERS.index(decoder))} if decoder and split == "decoder" else None
     plan = make_plan(split, steps=int(steps), merge_ratio=merge, codec_chain="fp16",
-                     tome_ratio=tome_ratio if split != "device" else 0.0, policy=policy)
+                     tome_ratio=tome_ratio if split != "device" else 0.0, policy=policy, params=params)
     return plan_to_proto(plan)
+
+
+def _chosen_decoder(sim: PlanSimulator | None, split: str, steps: int, merge: float, snr_db: float) -> str:
+    """The device decoder a planner with several decoder tables picks for a plan ("" if one)."""
+    if sim is None or not sim.decoder_tables or split != "decoder":
+        return ""
+    return sim.best_decoder(steps, merge, snr_db)
 
 
 @functools.cache
@@ -107,7 +118,9 @@ class RulePolicy:
                                       np.array([o.latency_limit_s]), np.array([o.energy_limit_j]))
         space = self.sim.space
         i = int(plan[0])
-        return plan_proto(SPLIT_CODES[space.split[i]], int(space.steps[i]), float(merge[0]), self.name)
+        split, steps = SPLIT_CODES[space.split[i]], int(space.steps[i])
+        return plan_proto(split, steps, float(merge[0]), self.name,
+                          decoder=_chosen_decoder(self.sim, split, steps, float(merge[0]), o.snr_db))
 
 
 class AgentPolicy:
@@ -123,6 +136,8 @@ class AgentPolicy:
 
         self.agent, self.config, self.name = agent, env_config, name
         self.space = PlanSpace.from_config(env_config)
+        # the decoder tables' lookup, when the planner was trained to choose among decoders
+        self.sim = PlanSimulator(env_config) if env_config.decoder_tables else None
         self.link_budget = MEG_LINK_BUDGET
         self.actor = agent.actor.eval()
 
@@ -135,16 +150,17 @@ class AgentPolicy:
                                       np.array(o.previous_energy_j), np.array(o.pixels), self.config))
         if hasattr(self.agent, "action_map"):  # a deterministic continuous actor (DDPG-Lagrangian)
             plan, merges = self.agent.action_map(self.actor(x[None]).numpy())
-            i = int(plan[0])
-            return plan_proto(SPLIT_CODES[self.space.split[i]], int(self.space.steps[i]), float(merges[0]), self.name,
-                              tome_ratio=self.config.edge_tome_ratio or MEG_TOME_RATIO)
-        logits, mean, _ = self.actor(x[None])
-        i = int(logits[0].argmax())
-        if self.config.merge_head == "continuous":
-            merge = float(self.config.max_merge_ratio * torch.sigmoid(mean[0]))
+            i, merge = int(plan[0]), float(merges[0])
         else:
-            merge = float(self.space.merge_ratio[i])
-        return plan_proto(SPLIT_CODES[self.space.split[i]], int(self.space.steps[i]), merge, self.name)
+            logits, mean, _ = self.actor(x[None])
+            i = int(logits[0].argmax())
+            if self.config.merge_head == "continuous":
+                merge = float(self.config.max_merge_ratio * torch.sigmoid(mean[0]))
+            else:
+                merge = float(self.space.merge_ratio[i])
+        split, steps = SPLIT_CODES[self.space.split[i]], int(self.space.steps[i])
+        return plan_proto(split, steps, merge, self.name, tome_ratio=self.config.edge_tome_ratio or MEG_TOME_RATIO,
+                          decoder=_chosen_decoder(self.sim, split, steps, merge, o.snr_db))
 
 
 def rule_policy(env_config: EnvConfig | None = None) -> RulePolicy:

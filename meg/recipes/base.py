@@ -156,9 +156,10 @@ class DeviceContext:
 
     engine: Any
     """`meg.split.SplitEngine` of the device's pipeline."""
-    runtime: Callable[[int, int, tuple[str, ...]], Any]
-    """``runtime(height, width, parts)``: the device runtime for those graph parts ("decoder",
-    "unet"), cached by the client (ONNX Runtime by default; None for eager torch)."""
+    runtime: Callable[..., Any]
+    """``runtime(height, width, parts[, decoder])``: the device runtime for those graph parts
+    ("decoder", "unet"), cached by the client (ONNX Runtime by default; None for eager
+    torch); ``decoder`` names another VAE folder of the device's model to decode with."""
     device_profile: str | None
     config: Any = None
     """The client's `ClientConfig` (runtime kind, cache folder, recipe options such as ``light_sr``)."""

@@ -21,7 +21,7 @@ from typing import Any
 from meg.codecs.chain import EncodedTensor
 from meg.convert import inputs_from_request
 from meg.devices import load_profile
-from meg.errors import FramingError
+from meg.errors import FramingError, InvalidInputError
 from meg.recipes.base import (
     DeviceContext,
     DeviceHalf,
@@ -39,10 +39,16 @@ from meg.split.flops import partition_flops
 from meg.split.points import SplitPoint
 from meg.v1 import generation_pb2 as gen_pb
 
-__all__ = ["DEFAULT_STEPS", "MegRecipe", "runtime_parts"]
+__all__ = ["DEFAULT_STEPS", "DEVICE_DECODERS", "MegRecipe", "runtime_parts"]
 
 DEFAULT_STEPS = 4
 """Denoising steps when nothing else says (the few-step student's)."""
+
+DEVICE_DECODERS = ("", "vae", "vae_merge", "vae_merge_paper")
+"""What the plan's ``decoder`` setting selects, by index: 0 the device's own decoder; else
+the VAE folder of the device's model: 1 the stock decoder, 2 the merge-aware decoder, 3 the
+decoder distilled as MEG's paper does. No single decoder is best at every step count and
+merge ratio (docs/reproduction.md), so a plan may choose per request."""
 
 
 def runtime_parts(split: SplitPoint) -> tuple[str, ...]:
@@ -51,12 +57,24 @@ def runtime_parts(split: SplitPoint) -> tuple[str, ...]:
     return ("decoder",) if split.kind in ("decoder", "image") else ("decoder", "unet")
 
 
+def plan_decoder(plan: Plan) -> str | None:
+    """The VAE folder a plan's ``decoder`` setting selects (None: the device's own)."""
+    value = plan.params.get("decoder", 0.0)
+    if value != int(value) or not 0 <= int(value) < len(DEVICE_DECODERS):
+        known = ", ".join(f"{i}: {n or 'device default'}" for i, n in enumerate(DEVICE_DECODERS))
+        raise InvalidInputError(f"plan.params decoder {value!r} is not one of 0..{len(DEVICE_DECODERS) - 1} ({known})",
+                                field="plan.params")
+    return DEVICE_DECODERS[int(value)] or None
+
+
 class MegRecipe(Recipe):
     name = "meg"
     wire_id = gen_pb.RECIPE_MEG
+    param_names = ("decoder",)
 
     def check_plan(self, ctx: EdgeContext, request: gen_pb.GenerationRequest, plan: Plan) -> None:
         super().check_plan(ctx, request, plan)
+        plan_decoder(plan)
         engine: SplitEngine = ctx.engine
         engine.crossing(plan.split, inputs_from_request(request, plan.steps, default_size_px=engine.native_size_px))  # an impossible split fails here
         engine.tome.check_ratio(plan.tome_ratio)
@@ -138,7 +156,9 @@ class _MegDevice(DeviceHalf):
 
     def _run(self, crossing: dict[str, Any], plan: Plan, inputs: GenerationInputs, decode_s: float) -> DeviceOutput:
         started = time.perf_counter()
-        runtime = self.ctx.runtime(inputs.height, inputs.width, runtime_parts(plan.split))
+        decoder = plan_decoder(plan)
+        runtime = (self.ctx.runtime(inputs.height, inputs.width, runtime_parts(plan.split), decoder) if decoder
+                   else self.ctx.runtime(inputs.height, inputs.width, runtime_parts(plan.split)))
         setup_s = time.perf_counter() - started
         started = time.perf_counter()
         image = self.engine.run_device(crossing, inputs, plan.split, runtime=runtime)

@@ -268,7 +268,7 @@ class DeviceClient:
         self._metadata = token_metadata(config.token)
         self._pipeline = pipeline
         self._context: DeviceContext | None = None
-        self._runtimes: dict[tuple[int, int, tuple[str, ...]], Any] = {}
+        self._runtimes: dict[tuple[int, int, tuple[str, ...], str | None], Any] = {}
         self._lock = threading.Lock()
 
     # -- public ------------------------------------------------------------------------------
@@ -464,27 +464,33 @@ class DeviceClient:
         return DeviceContext(engine=self._context.engine, runtime=self._runtime, device_profile=device_profile,
                              config=self.config, store=self._context.store)
 
-    def _runtime(self, height: int, width: int, parts: tuple[str, ...]) -> Any:
-        """The device runtime for ``parts`` at one resolution (exports ONNX on first use)."""
+    def _runtime(self, height: int, width: int, parts: tuple[str, ...], decoder: str | None = None) -> Any:
+        """The device runtime for ``parts`` at one resolution (exports ONNX on first use),
+        decoding with the VAE folder ``decoder`` of the model when given."""
         assert self._context is not None
         engine = self._context.engine
-        key = (height, width, parts)
+        key = (height, width, parts, decoder)
         with self._lock:
             if key not in self._runtimes:
-                if self.config.runtime == "eager":
+                vae = engine.device_vae
+                if decoder is not None:
+                    from meg.models.registry import load_vae
+
+                    vae = self._context.cached(f"vae:{decoder}", lambda: load_vae(self.config.model, decoder))
+                if self.config.runtime == "eager" and decoder is None:
                     self._runtimes[key] = None
-                elif self.config.runtime == "torch":
+                elif self.config.runtime in ("torch", "eager"):
                     from meg.split.runtime import TorchRuntime
 
-                    self._runtimes[key] = TorchRuntime(engine.device_unet, engine.device_vae)
+                    self._runtimes[key] = TorchRuntime(engine.device_unet, vae)
                 else:
                     from meg.split.onnx_export import ExportOptions, export_device_partitions
                     from meg.split.runtime import OnnxRuntime
 
-                    decoder = f"-{self.config.device_decoder}" if self.config.device_decoder else ""
-                    out_dir = Path(self.config.onnx_dir) / f"{height}x{width}{decoder}"
+                    chosen = decoder or self.config.device_decoder
+                    out_dir = Path(self.config.onnx_dir) / (f"{height}x{width}" + (f"-{chosen}" if chosen else ""))
                     export_device_partitions(engine.pipeline, out_dir=out_dir, height=height, width=width,
-                                             parts=parts, unet=engine.device_unet, vae=engine.device_vae,
+                                             parts=parts, unet=engine.device_unet, vae=vae,
                                              options=ExportOptions(exporter=self.config.onnx_exporter))
                     self._runtimes[key] = OnnxRuntime(out_dir)
             return self._runtimes[key]
