@@ -31,6 +31,7 @@ import copy
 import inspect
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from meg.codecs.merge import MergedLatent
     from meg.split.runtime import DeviceRuntime
 
-__all__ = ["GenerationInputs", "Partitions", "SplitEngine", "TensorSpec", "TextConditioning"]
+__all__ = ["GenerationInputs", "Partitions", "SplitEngine", "TensorSpec", "TextConditioning", "tokenizer_lock"]
 
 ProgressFn = Callable[[str, int, int], None]
 StopFn = Callable[[], bool]
@@ -151,6 +152,22 @@ class Partitions:
     device_stages: tuple[str, ...]
 
 
+_TOKENIZER_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_TOKENIZER_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    """The lock every user of ``tokenizer`` holds while calling it: a fast (Rust) tokenizer
+    changes its padding and truncation state per call, so two threads calling one tokenizer
+    at once can get each other's settings (and a ragged batch)."""
+    with _TOKENIZER_LOCKS_GUARD:
+        lock = _TOKENIZER_LOCKS.get(tokenizer)
+        if lock is None:
+            lock = threading.Lock()
+            _TOKENIZER_LOCKS[tokenizer] = lock
+        return lock
+
+
 class SplitEngine:
     """Runs a Stable-Diffusion-style pipeline split at any `SplitPoint`.
 
@@ -192,8 +209,6 @@ class SplitEngine:
         self.tome = ToMeAdapter(self.unet)
         self.batcher: StepBatcher | None = None
         """Step-level batching of the edge UNet across requests (`enable_batching`); None: off."""
-        # Fast (Rust) tokenizers refuse concurrent use from several threads.
-        self._tokenizer_lock = threading.Lock()
         self._multistep = hasattr(self.scheduler, "model_outputs") or getattr(self.scheduler, "order", 1) != 1
         self._checked: OrderedDict[tuple[GenerationInputs, SplitPoint], None] = OrderedDict()
         self._checked_lock = threading.Lock()
@@ -359,7 +374,7 @@ class SplitEngine:
         return TextConditioning(prompt_embeds, pooled_embeds, time_ids.repeat(pooled_embeds.shape[0], 1))
 
     def _token_ids(self, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-        with self._tokenizer_lock:
+        with tokenizer_lock(tokenizer):
             ids = tokenizer(
                 prompts,
                 padding="max_length",
