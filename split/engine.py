@@ -31,7 +31,6 @@ import copy
 import inspect
 import math
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -44,7 +43,7 @@ import torch
 from meg.errors import DeadlineExceededError, InvalidInputError, NonFiniteError, SplitError
 from meg.split.batching import StepBatcher
 from meg.split.points import SplitPoint
-from meg.split.tome import ToMeAdapter, unet_lock
+from meg.split.tome import ToMeAdapter, object_lock, unet_lock
 from meg.split.unet_stages import (
     UNetState,
     crossing_specs_for_config,
@@ -60,7 +59,7 @@ if TYPE_CHECKING:
     from meg.codecs.merge import MergedLatent
     from meg.split.runtime import DeviceRuntime
 
-__all__ = ["GenerationInputs", "Partitions", "SplitEngine", "TensorSpec", "TextConditioning", "tokenizer_lock"]
+__all__ = ["GenerationInputs", "Partitions", "SplitEngine", "TensorSpec", "TextConditioning"]
 
 ProgressFn = Callable[[str, int, int], None]
 StopFn = Callable[[], bool]
@@ -150,22 +149,6 @@ class Partitions:
     device: Callable[..., torch.Tensor]
     edge_stages: tuple[str, ...]
     device_stages: tuple[str, ...]
-
-
-_TOKENIZER_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_TOKENIZER_LOCKS_GUARD = threading.Lock()
-
-
-def tokenizer_lock(tokenizer: Any) -> threading.Lock:
-    """The lock every user of ``tokenizer`` holds while calling it: a fast (Rust) tokenizer
-    changes its padding and truncation state per call, so two threads calling one tokenizer
-    at once can get each other's settings (and a ragged batch)."""
-    with _TOKENIZER_LOCKS_GUARD:
-        lock = _TOKENIZER_LOCKS.get(tokenizer)
-        if lock is None:
-            lock = threading.Lock()
-            _TOKENIZER_LOCKS[tokenizer] = lock
-        return lock
 
 
 class SplitEngine:
@@ -374,7 +357,7 @@ class SplitEngine:
         return TextConditioning(prompt_embeds, pooled_embeds, time_ids.repeat(pooled_embeds.shape[0], 1))
 
     def _token_ids(self, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-        with tokenizer_lock(tokenizer):
+        with object_lock(tokenizer):  # engines over one pipeline share its tokenizer
             ids = tokenizer(
                 prompts,
                 padding="max_length",
@@ -766,8 +749,6 @@ class SplitEngine:
                 raise NonFiniteError(f"crossing tensor {spec.name!r} holds NaN or Inf", field=spec.name)
             out[spec.name] = value
         return out
-
-    # ------------------------------------------------------------------ cost
 
 
 _ACCEPTS_GENERATOR: dict[type, bool] = {}

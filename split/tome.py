@@ -34,20 +34,27 @@ import torch
 
 from meg.errors import InvalidInputError
 
-__all__ = ["ToMeAdapter", "ToMeConfig", "default_max_downsample", "is_patched", "unet_lock"]
+__all__ = ["ToMeAdapter", "ToMeConfig", "default_max_downsample", "is_patched", "object_lock", "unet_lock"]
 
-_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+
+
+def object_lock(obj: Any) -> threading.RLock:
+    """The one re-entrant lock of a shared object, whoever holds a reference to it: a UNet
+    (patched and unpatched use), or a fast tokenizer (it keeps padding and truncation
+    settings as state per call, so two threads calling it at once can swap them)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(obj)
+        if lock is None:
+            lock = threading.RLock()
+            _LOCKS[obj] = lock
+        return lock
 
 
 def unet_lock(unet: torch.nn.Module) -> threading.RLock:
     """The re-entrant lock that serialises patched and unpatched use of ``unet``."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(unet)
-        if lock is None:
-            lock = threading.RLock()
-            _LOCKS[unet] = lock
-        return lock
+    return object_lock(unet)
 
 
 def default_max_downsample(unet: torch.nn.Module) -> int:

@@ -196,7 +196,7 @@ def test_the_plan_chooses_the_better_decoder() -> None:
 def test_margin_variants_train_with_the_margin_and_the_paper_defaults_without() -> None:
     from meg.bench.paper_meg import _train
 
-    agent, history, seconds = _train("ppo-lagrangian+margin", 1, 0, _margin=0.05)
+    agent, history, seconds = _train("ppo-lagrangian", 1, 0, margin=0.05)
     assert agent.config.cost_margin == 0.05 and len(history) == 1 and seconds > 0
     plain, _, _ = _train("ppo-lagrangian", 1, 0)
     assert plain.config.cost_margin == 0.0 and plain.config.gamma == 0.97

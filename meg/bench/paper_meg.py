@@ -104,30 +104,27 @@ def run_fig3(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
     tables = {label: load_table(name) for label, name in DECODER_TABLES.items()}
     decoder, image = SPLIT_CODES.index("decoder"), SPLIT_CODES.index("image")
     n, m = config.steps, config.merge_ratio
-    schemes: list[tuple[str, int, int, float, str]] = [
-        ("MEG", decoder, n, m, "merge-aware"),
-        ("MEG, no merging", decoder, n, 0.0, "merge-aware"),
-        ("MS", decoder, n, m, "stock"),
-        ("noise-tuned decoder", decoder, n, m, "noise-tuned"),
-        ("CEG", image, n, 0.0, "stock"),
-        *((f"few-step ({k})", decoder, k, 0.0, "stock") for k in config.few_steps),
+    # (scheme, split, steps, merge ratio, device decoders: the plan takes the best of them)
+    schemes: list[tuple[str, int, int, float, tuple[str, ...]]] = [
+        ("MEG, decoder per plan", decoder, n, m, ("merge-aware", "stock")),
+        ("MEG", decoder, n, m, ("merge-aware",)),
+        ("MEG, no merging", decoder, n, 0.0, ("merge-aware",)),
+        ("MS", decoder, n, m, ("stock",)),
+        ("noise-tuned decoder", decoder, n, m, ("noise-tuned",)),
+        ("CEG", image, n, 0.0, ("stock",)),
+        *((f"few-step ({k})", decoder, k, 0.0, ("stock",)) for k in config.few_steps),
     ]
     pixels = float(sim.config.resolutions[0] ** 2)
     rows: list[dict[str, Any]] = []
     for distance in config.distances_m:
         snr = float(MEG_LINK_BUDGET.snr_db(distance))
-        for name, split, steps, ratio, table in schemes:
+        for name, split, steps, ratio, decoders in schemes:
             c = sim.costs(np.array(split), np.array(steps), np.array(ratio), np.array(snr), np.array(pixels))
             split_name = SPLIT_CODES[split]
-            mse = float(tables[table].mse(split_name, np.array(float(steps)), np.array(ratio),
-                                          np.array(sigma if split_name == "decoder" else 0.0)))
-            if name == "MEG":  # the plan may also choose the stock decoder (same costs)
-                per_plan = min(mse, float(tables["stock"].mse(split_name, np.array(float(steps)), np.array(ratio), np.array(sigma))))
-                rows.append({"scheme": "MEG, decoder per plan", "distance_m": distance, "snr_db": snr, "steps": steps,
-                             "merge_ratio": ratio, "decoder": "merge-aware or stock", "latency_s": float(c.latency_s),
-                             "energy_j": float(c.energy_j), "airtime_s": float(c.airtime_s), "mse": per_plan})
+            mse = min(float(tables[d].mse(split_name, np.array(float(steps)), np.array(ratio),
+                                          np.array(sigma if split_name == "decoder" else 0.0))) for d in decoders)
             rows.append({"scheme": name, "distance_m": distance, "snr_db": snr, "steps": steps, "merge_ratio": ratio,
-                         "decoder": table, "latency_s": float(c.latency_s), "energy_j": float(c.energy_j),
+                         "decoder": " or ".join(decoders), "latency_s": float(c.latency_s), "energy_j": float(c.energy_j),
                          "airtime_s": float(c.airtime_s), "mse": mse})
     headline = []
     for distance in (config.distances_m[0], config.distances_m[-1]):
@@ -174,36 +171,20 @@ def run_fig5(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ policies
-def _train(algo: str, epochs: int, seed: int, **env: Any) -> tuple[Any, list[dict[str, float]], float]:
+def _train(algo: str, epochs: int, seed: int, *, margin: float | None = None,
+           **env: Any) -> tuple[Any, list[dict[str, float]], float]:
+    """Train ALGO on `EnvConfig(**env)` with its defaults but EPOCHS, SEED and (when given) the
+    cost MARGIN; returns (agent, history, seconds)."""
     from meg.policy.env import EnvConfig
+    from meg.policy.evaluate import trainer_for
 
-    margin = env.pop("_margin", None)
-    env_config = EnvConfig(**env)
+    config, trainer = trainer_for(algo, epochs=epochs, seed=seed, **({"cost_margin": margin} if margin is not None else {}))
     start = time.perf_counter()
-    if algo.startswith("cvpo"):
-        from meg.policy.cvpo import CVPOConfig, train_cvpo
-
-        cfg: Any = CVPOConfig(epochs=epochs, seed=seed)
-        trainer: Any = train_cvpo
-    elif algo.startswith("ppo-lagrangian"):
-        from meg.policy.ppo_lagrangian import PPOLagrangianConfig, train_ppo_lagrangian
-
-        cfg, trainer = PPOLagrangianConfig(epochs=epochs, seed=seed), train_ppo_lagrangian
-    elif algo.startswith("ddpg-lagrangian"):
-        from meg.policy.ddpg_lagrangian import DDPGLagrangianConfig, train_ddpg_lagrangian
-
-        cfg, trainer = DDPGLagrangianConfig(epochs=epochs, seed=seed), train_ddpg_lagrangian
-    else:
-        from meg.policy.unconstrained import UnconstrainedConfig, train_unconstrained
-
-        cfg, trainer = UnconstrainedConfig(epochs=epochs, seed=seed), train_unconstrained
-    if margin is not None and hasattr(cfg, "cost_margin"):
-        cfg = dataclasses.replace(cfg, cost_margin=margin)
-    agent, history = trainer(env_config, cfg)
+    agent, history = trainer(EnvConfig(**env), config)
     return agent, history, time.perf_counter() - start
 
 
-def run_policies(config: PaperMegConfig = PaperMegConfig(), *, out_dir: Path | None = None) -> dict[str, Any]:
+def run_policies(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
     """Train every learned planner on the paper's MDP; evaluate all on the same held-out episodes."""
     from tqdm.auto import tqdm
 
@@ -213,18 +194,16 @@ def run_policies(config: PaperMegConfig = PaperMegConfig(), *, out_dir: Path | N
     from meg.policy.oracle import OracleAgent
 
     env = EnvConfig()
-    runs: list[tuple[str, int, float | None]] = [(algo, config.epochs[algo], None) for algo in ("cvpo", "ppo-lagrangian", "ddpg-lagrangian")]
-    runs += [(f"{algo}+margin", config.epochs[algo], config.margin) for algo in ("cvpo", "ppo-lagrangian", "ddpg-lagrangian")]
-    runs.append(("unconstrained", config.epochs["ppo-lagrangian"], None))
+    constrained = ("cvpo", "ppo-lagrangian", "ddpg-lagrangian")
+    runs: list[tuple[str, str, int, float | None]] = [(algo, algo, config.epochs[algo], None) for algo in constrained]
+    runs += [(f"{algo}+margin", algo, config.epochs[algo], config.margin) for algo in constrained]
+    runs.append(("unconstrained", "unconstrained", config.epochs["ppo-lagrangian"], None))
     agents: dict[str, Any] = {}
     curves: dict[str, Any] = {}
-    for name, epochs, margin in tqdm(runs, desc="train planners"):
-        agent, history, seconds = _train(name, epochs, config.seed, **({"_margin": margin} if margin is not None else {}))
-        agent.name = name
+    for name, algo, epochs, margin in tqdm(runs, desc="train planners"):
+        agent, history, seconds = _train(algo, epochs, config.seed, margin=margin)
         agents[name] = agent
         curves[name] = {"seconds": seconds, "epochs": epochs, "margin": margin or 0.0, "history": history}
-        if out_dir is not None:
-            agent.save(out_dir / "paper-meg-checkpoints" / name, extra={"train_seconds": seconds, "epochs": epochs})
     agents["fixed-meg"] = FixedPlanAgent(FIXED_PLANS["fixed-meg"], name="fixed-meg")
     agents["random"] = RandomAgent()
     agents["oracle"] = OracleAgent()
@@ -246,7 +225,7 @@ def run_tradeoff(config: PaperMegConfig = PaperMegConfig()) -> list[dict[str, An
 
     rows = []
     for limit in tqdm(config.tradeoff_limits_s, desc="trade-off"):
-        agent, _, seconds = _train("cvpo+margin", config.tradeoff_epochs, config.seed, latency_limit_s=limit, _margin=config.margin)
+        agent, _, seconds = _train("cvpo", config.tradeoff_epochs, config.seed, margin=config.margin, latency_limit_s=limit)
         env = EnvConfig(latency_limit_s=limit)
         got = evaluate({"cvpo+margin": agent, "oracle": OracleAgent()}, env, episodes=config.episodes, seed=config.eval_seed)
         rows.append({"latency_limit_s": limit, "train_seconds": seconds,
@@ -260,6 +239,8 @@ def run_tome(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
     import torch
 
     import meg.models  # noqa: F401  (registers meg-tiny)
+    from meg.models.evaluate import read_prompts
+    from meg.models.registry import model_dir
     from meg.policy.distortion import load_table
     from meg.split import GenerationInputs, SplitEngine, SplitPoint, load_pipeline
     from meg.split.flops import partition_flops
@@ -267,8 +248,7 @@ def run_tome(config: PaperMegConfig = PaperMegConfig()) -> dict[str, Any]:
     ratio = 0.5
     sdxl = load_table(DECODER_TABLES["merge-aware"]).cost_flops["by_resolution"]["1024"]
     engine = SplitEngine(load_pipeline("meg-tiny"))
-    prompts = [line.strip() for line in (Path(__file__).resolve().parents[1] / "models" / "meg-tiny" / "prompts" / "heldout.txt")
-               .read_text().splitlines() if line.strip()][: config.tome_prompts]  # fmt: skip
+    prompts = read_prompts(model_dir("meg-tiny") / "prompts" / "heldout.txt")[: config.tome_prompts]
     out: dict[str, Any] = {"ratio": ratio, "sdxl_1024": {
         "unet_pass_flops": sdxl["unet_pass_flops"], "unet_pass_flops_tome": sdxl["unet_pass_flops_tome"],
         "flops_saving": 1.0 - sdxl["unet_pass_flops_tome"] / sdxl["unet_pass_flops"]}, "meg_tiny": []}
@@ -316,6 +296,13 @@ def _plt() -> Any:
     return plt
 
 
+def _finish(plt: Any, fig: Any, path: Path, title: str, *, dpi: int) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_fig3(result: dict[str, Any], path: Path) -> None:
     plt = _plt()
     rows = result["rows"]
@@ -335,10 +322,7 @@ def plot_fig3(result: dict[str, Any], path: Path) -> None:
                                                    lambda v, d0=d0, s0=s0: d0 * 10 ** ((s0 - v) / 37.6)))
         top.set_xlabel("SNR (dB)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("MEG's Fig. 3 analogue — costs at SDXL 1024² scale (modelled), MSE measured on meg-tiny 128 px")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, path, "MEG's Fig. 3 analogue — costs at SDXL 1024² scale (modelled), MSE measured on meg-tiny 128 px", dpi=110)
 
 
 def plot_fig5(result: dict[str, Any], path: Path) -> None:
@@ -355,10 +339,7 @@ def plot_fig5(result: dict[str, Any], path: Path) -> None:
             ax.set_yscale("log")
     axes[0].set_ylabel("MSE vs 12-step reference")
     axes[0].legend(fontsize=8)
-    fig.suptitle("MEG's Fig. 5 analogue — device decoders on meg-tiny (ToMe 0.5 in the edge UNet)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, path, "MEG's Fig. 5 analogue — device decoders on meg-tiny (ToMe 0.5 in the edge UNet)", dpi=110)
 
 
 def plot_policies(result: dict[str, Any], tradeoff: list[dict[str, Any]] | None, path: Path) -> None:
@@ -384,10 +365,7 @@ def plot_policies(result: dict[str, Any], tradeoff: list[dict[str, Any]] | None,
         axes[3].set_yscale("log")
         axes[3].set_title("distortion–cost trade-off")
         axes[3].legend(fontsize=8)
-    fig.suptitle("Planners on MEG's MDP (SDXL-1024 costs, meg-tiny distortion)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(plt, fig, path, "Planners on MEG's MDP (SDXL-1024 costs, meg-tiny distortion)", dpi=100)
 
 
 # ------------------------------------------------------------------------------- command

@@ -628,10 +628,7 @@ def _train_decoder(session: Session, stage: str, vae: Any, pool: torch.Tensor, *
 
     cfg = session.train
     stock = _load_vae(session)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
     sf = float(vae.config.scaling_factor)
-    opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=lr)
     lo, hi = cfg.decoder_sigma
     relative = loss == "relative"
 
@@ -652,8 +649,18 @@ def _train_decoder(session: Session, stage: str, vae: Any, pool: torch.Tensor, *
             return {"image_mse": F.mse_loss(image, target)}
         return {"relative_mse": ((image - target).pow(2).mean(dim=(1, 2, 3)) / baseline.clamp(min=1e-8)).mean()}
 
+    _fit_decoder(session, stage, vae, lr=lr, steps=steps, step=step, out="vae_merge")
+
+
+def _fit_decoder(session: Session, stage: str, vae: Any, *, lr: float, steps: int,
+                 step: Any, out: str) -> None:
+    """Train VAE's decoder and post_quant_conv (encoder frozen) with AdamW at LR by `run_loop`
+    on STEP, and write the VAE to model_dir/OUT."""
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=lr)
     run_loop(session, stage, {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, opt, steps, step)
-    _save(vae, session.model_dir / "vae_merge")
+    _save(vae, session.model_dir / out)
 
 
 def stage_decoder(session: Session) -> None:
@@ -762,10 +769,7 @@ def distil_decoder_paper(session: Session, *, steps: int, batch: int, crop: int,
     latents, reference = pool["latents"].to(session.device), pool["reference"].to(session.device)
     stock = _load_vae(session)
     vae = _load_vae(session, init)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
     sf = float(vae.config.scaling_factor)
-    opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=lr)
     lo_sigma, hi_sigma = sigma
     n_steps = latents.shape[1]
 
@@ -782,8 +786,7 @@ def distil_decoder_paper(session: Session, *, steps: int, batch: int, crop: int,
         image = (vae.decode(both[:, 4:] / sf).sample + 1) / 2
         return {"image_mse": F.mse_loss(image, target)}
 
-    run_loop(session, out, {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, opt, steps, step)
-    _save(vae, session.model_dir / out)
+    _fit_decoder(session, out, vae, lr=lr, steps=steps, step=step, out=out)
     elapsed = time.perf_counter() - t0
     session.record(out, batch=batch, crop=crop, lr=lr, prompts=prompts, step_range=list(step_range), reference_steps=reference_steps,
                    ratio_high=ratio_high, sigma=list(sigma), tome_ratio=tome_ratio, seed=seed, init=init, wall_s=round(elapsed, 1))  # fmt: skip

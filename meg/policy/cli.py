@@ -117,25 +117,9 @@ def train_command(algo: str, out_dir: Path, epochs: int | None, seed: int, threa
 
     torch.set_num_threads(threads)
     env_config = _env_config(**env)
-    if algo == "cvpo":
-        from meg.policy.cvpo import CVPOConfig, train_cvpo
+    from meg.policy.evaluate import trainer_for
 
-        config: Any = CVPOConfig(seed=seed)
-        trainer: Any = train_cvpo
-    elif algo == "ppo-lagrangian":
-        from meg.policy.ppo_lagrangian import PPOLagrangianConfig, train_ppo_lagrangian
-
-        config, trainer = PPOLagrangianConfig(seed=seed), train_ppo_lagrangian
-    elif algo == "ddpg-lagrangian":
-        from meg.policy.ddpg_lagrangian import DDPGLagrangianConfig, train_ddpg_lagrangian
-
-        config, trainer = DDPGLagrangianConfig(seed=seed), train_ddpg_lagrangian
-    else:
-        from meg.policy.unconstrained import UnconstrainedConfig, train_unconstrained
-
-        config, trainer = UnconstrainedConfig(seed=seed), train_unconstrained
-    if epochs is not None:
-        config = dataclasses.replace(config, epochs=epochs)
+    config, trainer = trainer_for(algo, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
     out_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
     start = time.perf_counter()

@@ -374,21 +374,24 @@ class PlanSimulator:
         for code, name in enumerate(SPLIT_CODES):
             mask = split_b == code
             if mask.any():
-                log_mse[mask] = self.table.log_mse(name, steps_b[mask], merge_b[mask], sigma_b[mask])
-                if name in MERGED_SPLITS:
-                    for other in self.decoder_tables:
-                        log_mse[mask] = np.minimum(log_mse[mask], other.log_mse(name, steps_b[mask], merge_b[mask], sigma_b[mask]))
+                if name in MERGED_SPLITS:  # the best of the device decoders
+                    log_mse[mask] = self._decoder_log_mse(steps_b[mask], merge_b[mask], sigma_b[mask]).min(0)
+                else:
+                    log_mse[mask] = self.table.log_mse(name, steps_b[mask], merge_b[mask], sigma_b[mask])
         mse = np.exp(log_mse)
         reward = -np.log(mse + self.config.reward_mse_offset) if self.config.reward_mse_offset > 0 else -log_mse
         return reward, costs.latency_s, costs.energy_j, mse
 
+    def _decoder_log_mse(self, steps: np.ndarray, merge_ratio: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        """[D, ...] log MSE of the merged split with each device decoder (`table` first)."""
+        return np.stack([t.log_mse("decoder", steps, merge_ratio, sigma) for t in (self.table, *self.decoder_tables)])
+
     def best_decoder(self, steps: float, merge_ratio: float, snr_db: float) -> str:
         """VAE folder of the device decoder with the lowest tabulated MSE for a merged-split
         plan at SNR (the table's `decoder`; "" where the table does not name one)."""
-        sigma = self.noise_sigma(np.array([snr_db]))
-        tables = (self.table, *self.decoder_tables)
-        values = [float(t.log_mse("decoder", np.array([float(steps)]), np.array([float(merge_ratio)]), sigma)[0]) for t in tables]
-        return tables[int(np.argmin(values))].decoder
+        values = self._decoder_log_mse(np.array([float(steps)]), np.array([float(merge_ratio)]),
+                                       self.noise_sigma(np.array([snr_db])))
+        return (self.table, *self.decoder_tables)[int(np.argmin(values[:, 0]))].decoder
 
     def step(self, split: np.ndarray, steps: np.ndarray, merge_ratio: np.ndarray) -> StepResult:
         """Serve the current request of every episode with the given plans ([B] arrays)."""

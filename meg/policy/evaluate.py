@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,35 @@ from meg.errors import InvalidInputError
 from meg.policy.agents import Agent, rollout
 from meg.policy.env import EnvConfig, PlanSimulator
 
-__all__ = ["ALGOS", "LEARNED", "evaluate", "make_agent", "plot_comparison", "plot_curves"]
+__all__ = ["ALGOS", "LEARNED", "evaluate", "make_agent", "plot_comparison", "plot_curves", "trainer_for"]
 
 LEARNED = ("cvpo", "ppo-lagrangian", "ddpg-lagrangian", "unconstrained")
 ALGOS = (*LEARNED, "fixed-meg", "fixed-image", "random", "rule", "oracle")
+
+
+def trainer_for(algo: str, **overrides: Any) -> tuple[Any, Any]:
+    """(hyper-parameters at their defaults with OVERRIDES, train function) of a learned algorithm;
+    the function is called as ``train(env_config, config, on_epoch=…)`` → (agent, history)."""
+    if algo == "cvpo":
+        from meg.policy.cvpo import CVPOConfig, train_cvpo
+
+        config: Any = CVPOConfig()
+        trainer: Any = train_cvpo
+    elif algo == "ppo-lagrangian":
+        from meg.policy.ppo_lagrangian import PPOLagrangianConfig, train_ppo_lagrangian
+
+        config, trainer = PPOLagrangianConfig(), train_ppo_lagrangian
+    elif algo == "ddpg-lagrangian":
+        from meg.policy.ddpg_lagrangian import DDPGLagrangianConfig, train_ddpg_lagrangian
+
+        config, trainer = DDPGLagrangianConfig(), train_ddpg_lagrangian
+    elif algo == "unconstrained":
+        from meg.policy.unconstrained import UnconstrainedConfig, train_unconstrained
+
+        config, trainer = UnconstrainedConfig(), train_unconstrained
+    else:
+        raise InvalidInputError(f"unknown learned algorithm {algo!r}; known: {', '.join(LEARNED)}")
+    return dataclasses.replace(config, **overrides), trainer
 
 
 def make_agent(algo: str, checkpoint: str | Path | None = None) -> tuple[Agent, EnvConfig | None]:

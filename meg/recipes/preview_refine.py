@@ -96,9 +96,9 @@ def check_prompt(prompt: str, tokenizer: Any) -> None:
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:
         return
-    from meg.split.engine import tokenizer_lock
+    from meg.split.tome import object_lock
 
-    with tokenizer_lock(tokenizer):
+    with object_lock(tokenizer):
         unknown = [w for w in prompt.split() if unk in tokenizer(w, add_special_tokens=False).input_ids]
     if unknown:
         raise InvalidInputError(f"prompt has words the model does not know: {unknown}", field="prompt")
